@@ -1,0 +1,103 @@
+"""Command-line entry points: ``run.py``, ``test.py`` and every ``baseline/<Model>/run.py``.
+
+Bad input ends in one line on stderr and exit status 2, never a traceback: everything the pipeline
+can blame on the input raises :class:`~pipeline.errors.UserError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+OVERRIDES_HELP = """\
+Any other --key=value sets a RecBole or model setting for this run, e.g. --dataset=ml-1m
+--hidden_size=256 --epochs=50 --gpu_id=1 --checkpoint_path=saved/RUN.pth (resume training).
+Values are read as Python literals (numbers, lists, True/False), anything else as a string."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: one line, exit 2
+        raise UserError(message)
+
+
+def _split_overrides(rest: list[str]) -> dict[str, str]:
+    overrides = {}
+    for arg in rest:
+        key, sep, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if not key or not sep:
+            raise UserError(f"unrecognised argument '{arg}': settings are given as --key=value")
+        if key in overrides and overrides[key] != value:
+            raise UserError(f"--{key} is given twice with different values")
+        overrides[key] = value
+    return overrides
+
+
+def parse_train_args(argv, fixed_model: str | None):
+    parser = _Parser(
+        prog=None if fixed_model is None else f"baseline/{fixed_model}/run.py",
+        description=("Train a sequential recommender, keep its best checkpoint by the validation "
+                     "metric, and test it." if fixed_model is None else
+                     f"Train the {fixed_model} baseline with its settings in config.yaml beside "
+                     f"this script."),
+        epilog=OVERRIDES_HELP + "\nWith no --config, the model trains on MovieLens-100K.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", action="append", default=[], metavar="PATH", type=Path,
+                        help="a YAML config file (repeatable; later files win), e.g. "
+                             "config/config4beauty_64d.yaml")
+    if fixed_model is None:
+        parser.add_argument("--model", default=None, metavar="NAME",
+                            help="TiM4Rec (default), a baseline in baseline/, or any RecBole model")
+    args, rest = parser.parse_known_args(argv)
+    return args, _split_overrides(rest)
+
+
+def parse_test_args(argv):
+    parser = _Parser(
+        description="Evaluate a checkpoint on its dataset's validation and test splits.",
+        epilog=OVERRIDES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, metavar="PATH", type=Path,
+                        help="a checkpoint written by run.py (saved/*.pth)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="also read RecBole checkpoints such as the authors' published weights; "
+                             "this unpickles the file, which can run code: only for files you trust")
+    args, rest = parser.parse_known_args(argv)
+    return args, _split_overrides(rest)
+
+
+def _report_errors(main):
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def train_main(argv=None, model: str | None = None) -> None:
+    """``run.py`` (model chosen by --model) or ``baseline/<model>/run.py`` (model fixed)."""
+    def main():
+        from pipeline.workflow import train
+
+        args, overrides = parse_train_args(argv, model)
+        train(model or args.model, args.config, overrides)
+
+    _report_errors(main)
+
+
+def test_main(argv=None) -> None:
+    """``test.py``: print a checkpoint's validation and test metrics."""
+    def main():
+        from pipeline.workflow import evaluate_checkpoint, format_metrics
+
+        args, overrides = parse_test_args(argv)
+        result = evaluate_checkpoint(args.checkpoint, overrides, allow_pickle=args.allow_pickle)
+        print(f"\n{result['model']} on {result['dataset']} ({args.checkpoint})")
+        print("\nvalid\n" + format_metrics(result["valid_result"]))
+        print("\ntest\n" + format_metrics(result["test_result"]))
+
+    _report_errors(main)

@@ -1,0 +1,5 @@
+"""The one exception type the command-line tools report as a single line instead of a traceback."""
+
+
+class UserError(Exception):
+    """Bad input from the user (a config, a path, a name, a checkpoint): say what and where, then exit."""

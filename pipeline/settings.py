@@ -1,0 +1,164 @@
+"""Build a RecBole Config from the project's YAML files and ``--key=value`` overrides.
+
+Priority, lowest first (a later source overrides an earlier one):
+
+1. RecBole's own defaults, then ``config/overall.yaml`` (the evaluation protocol of the paper);
+2. the model's defaults (``config/model/TiM4Rec.yaml``);
+3. the ``--config`` files in the order given; when none of them names a ``dataset``, the default
+   ``config/config4ml100k_64d.yaml`` comes first;
+4. a baseline's settings (``baseline/<Name>/config.yaml``): its hyperparameters win over the
+   TiM4Rec hyperparameters that the dataset configs carry;
+5. ``--key=value`` overrides.
+
+Relative ``data_path``, ``checkpoint_dir``, ``log_dir`` and ``tensorboard_dir`` are resolved against the
+repository root, so ``cd baseline/X && python run.py`` finds the same data and writes to the same
+folders as a run from the root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+from pipeline import ROOT
+from pipeline.errors import UserError
+from pipeline.registry import ModelSpec, find_model
+
+CONFIG_DIR = ROOT / "config"
+OVERALL = CONFIG_DIR / "overall.yaml"
+DEFAULT_DATASET_CONFIG = CONFIG_DIR / "config4ml100k_64d.yaml"
+DEFAULT_MODEL = "TiM4Rec"
+ROOT_RELATIVE_KEYS = ("data_path", "checkpoint_dir", "log_dir", "tensorboard_dir")
+
+
+@lru_cache(maxsize=None)
+def _yaml_loader():
+    from recbole.config import Config
+
+    return Config._build_yaml_loader(None)  # RecBole's: reads 1e-5 as a float, as YAML 1.1 does not
+
+
+def read_yaml(path: Path) -> dict:
+    """A config file as a dict, read as RecBole reads it; UserError if missing or malformed."""
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_yaml_loader())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise UserError(f"config file {path} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold 'key: value' lines")
+    return data
+
+
+@contextlib.contextmanager
+def _argv_hidden():
+    # RecBole's Config parses sys.argv on its own; the project's CLI has already parsed it.
+    saved = sys.argv
+    sys.argv = saved[:1]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def config_files_for(spec: ModelSpec, user_files: list[Path], overrides: dict) -> list[Path]:
+    """The YAML files of a run, lowest priority first (see the module docstring)."""
+    user_files = [Path(f).resolve() for f in user_files]
+    names_dataset = "dataset" in overrides or any("dataset" in read_yaml(f) for f in user_files)
+    files = [OVERALL]
+    if spec.defaults is not None:
+        files.append(spec.defaults)
+    if not names_dataset:
+        files.append(DEFAULT_DATASET_CONFIG)
+    files += [f for f in user_files if f != spec.settings]
+    if spec.settings is not None:
+        files.append(spec.settings)
+    return files
+
+
+def build_config(model: str | None, config_files: list[Path], overrides: dict):
+    """The resolved RecBole Config and the model's spec.
+
+    ``overrides`` hold ``--key=value`` strings or already typed values (from a checkpoint).
+    """
+    from pipeline import compat
+
+    compat.apply()
+    from recbole.config import Config
+
+    spec = find_model(model or overrides.get("model") or DEFAULT_MODEL)
+    files = config_files_for(spec, config_files, overrides)
+    for f in files:
+        read_yaml(f)  # one clear line for a missing or malformed file, before RecBole reads it
+    overrides = {k: v for k, v in overrides.items() if k != "model"}
+    with _argv_hidden():
+        try:
+            config = Config(model=spec.model_class, config_file_list=[str(f) for f in files],
+                            config_dict=overrides)
+        except (KeyError, ValueError, TypeError) as error:
+            raise UserError(f"invalid configuration: {error}") from None
+    for key in ROOT_RELATIVE_KEYS:
+        value = config[key]
+        if value is not None and not Path(value).is_absolute():
+            config[key] = str(ROOT / value)
+    return config, spec
+
+
+def check_dataset_files(config) -> None:
+    """UserError when the dataset's atomic .inter file, or a column the run needs, is missing.
+
+    (RecBole would otherwise try to download a dataset it does not find, and fail deep inside the
+    split on a missing time column.)
+    """
+    folder = Path(config["data_path"])
+    inter = folder / f"{config['dataset']}.inter"
+    name = config["dataset"]
+    if not folder.is_dir():
+        raise UserError(f"dataset '{name}' not found: no folder {folder} "
+                        f"(prepare it with dataset/prepare.py, or set data_path)")
+    if not inter.is_file():
+        raise UserError(f"dataset '{name}': no atomic file {inter.name} in {folder}")
+    with inter.open(encoding="utf-8") as f:
+        header = [field.split(":")[0] for field in f.readline().rstrip("\n").split("\t")]
+    loaded = (config["load_col"] or {}).get("inter") if config["load_col"] else None
+    needed = {config["USER_ID_FIELD"]: "the user column", config["ITEM_ID_FIELD"]: "the item column"}
+    if config["eval_args"]["order"] == "TO":
+        needed[config["TIME_FIELD"]] = "ordering by time (eval_args order: TO)"
+    if config["is_time"]:
+        needed[config["TIME_FIELD"]] = "is_time"
+    for column, why in needed.items():
+        if column not in header:
+            raise UserError(f"dataset '{name}': {inter} has no column '{column}', needed by {why}")
+        if loaded is not None and column not in loaded:
+            raise UserError(f"dataset '{name}': column '{column}' is needed by {why}: add it to "
+                            f"load_col (inter)")
+
+
+def plain_config(config) -> dict:
+    """The run's settings as plain data (for checkpoints): what the files and overrides set.
+
+    Derived values (device, joined data_path, enums) are left out: RecBole recomputes them.
+    """
+    external = dict(config.external_config_dict)
+    external["model"] = config["model"]
+    external["dataset"] = config["dataset"]
+    return _plain(external)
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)

@@ -1,0 +1,146 @@
+"""RecBole's Trainer with this project's checkpoints, output folders and a sync-free training step."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from recbole.trainer import Trainer
+from recbole.utils import set_color
+from torch.nn.utils import clip_grad_norm_
+from tqdm import tqdm
+
+from pipeline import checkpoint
+from pipeline.errors import UserError
+from pipeline.runlog import RunPaths, environment
+from pipeline.settings import plain_config
+
+
+class _NoTensorBoard:
+    """Stands in for a SummaryWriter when only evaluating: writes nothing, creates no folder."""
+
+    def __getattr__(self, _name):
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def _tensorboard_in(folder):
+    # Trainer.__init__ opens its SummaryWriter under ./log_tensorboard of whatever the current
+    # directory is; point it at the run's own folder instead (or nowhere).
+    import recbole.trainer.trainer as rb_trainer
+
+    original = rb_trainer.get_tensorboard
+    if folder is not None:
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+        writer = SummaryWriter(str(folder))
+    else:
+        writer = _NoTensorBoard()
+    rb_trainer.get_tensorboard = lambda _logger: writer
+    try:
+        yield
+    finally:
+        rb_trainer.get_tensorboard = original
+
+
+def load_weights(model, state_dict, source) -> None:
+    """Load a state_dict, or say in one line why it does not fit the model."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())
+        raise UserError(f"checkpoint {source} does not match the model: {detail[:600]}") from None
+
+
+class ProjectTrainer(Trainer):
+    """Differences from RecBole's Trainer, each for a reason given in the module it relies on:
+
+    - checkpoints in the plain format of :mod:`pipeline.checkpoint`, named per run;
+    - TensorBoard under the run's folder;
+    - the training loss summed on the device and read once per epoch (no ``.item()`` per step, so
+      the GPU never waits for the host), with the NaN check done on that sum.
+    """
+
+    def __init__(self, config, model, run: RunPaths | None):
+        """``run`` None: an evaluation-only trainer that writes no TensorBoard and no checkpoint."""
+        with _tensorboard_in(run.tensorboard_dir if run is not None else None):
+            super().__init__(config, model)
+        self.run = run
+        self.saved_model_file = str(run.checkpoint) if run is not None else None
+        self._last_valid_result = None
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        self.model.train()
+        loss_func = loss_func or self.model.calculate_loss
+        total = torch.zeros((), device=self.device)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.enable_scaler)
+        if not self.config["single_spec"] and train_data.shuffle:
+            train_data.sampler.set_epoch(epoch_idx)
+        batches = tqdm(train_data, total=len(train_data), ncols=100, leave=False,
+                       desc=set_color(f"Train {epoch_idx:>5}", "pink"), disable=not show_progress)
+        for interaction in batches:
+            interaction = interaction.to(self.device)
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=self.device.type, enabled=self.enable_amp):
+                loss = loss_func(interaction)
+            if isinstance(loss, tuple):  # multi-part losses are reported as their sum
+                loss = sum(loss)
+            scaler.scale(loss).backward()
+            if self.clip_grad_norm:
+                clip_grad_norm_(self.model.parameters(), **self.clip_grad_norm)
+            scaler.step(self.optimizer)
+            scaler.update()
+            total += loss.detach()
+        total = total.item()
+        if math.isnan(total):
+            raise UserError(f"training diverged: the loss of epoch {epoch_idx} is NaN")
+        return total
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        path = kwargs.pop("saved_model_file", self.saved_model_file)
+        checkpoint.save(path, {
+            "model": self.config["model"],
+            "config": plain_config(self.config),
+            "epoch": epoch,
+            "cur_step": self.cur_step,
+            "best_valid_score": float(self.best_valid_score),
+            "best_valid_result": _floats(self._last_valid_result or self.best_valid_result),
+            "state_dict": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "versions": {k: v for k, v in environment(self.device).items() if k != "device"},
+        })
+        if verbose:
+            self.logger.info(set_color("Saving current", "blue") + f": {path}")
+
+    def resume_checkpoint(self, resume_file):
+        data = checkpoint.load(resume_file, map_location=self.device)
+        if data["model"].lower() != self.config["model"].lower():
+            raise UserError(f"checkpoint {resume_file} holds a {data['model']} model, "
+                            f"not {self.config['model']}")
+        load_weights(self.model, data["state_dict"], resume_file)
+        self.optimizer.load_state_dict(data["optimizer"])
+        self.start_epoch = data["epoch"] + 1
+        self.cur_step = data["cur_step"]
+        self.best_valid_score = data["best_valid_score"]
+        self.best_valid_result = data.get("best_valid_result")
+        self.saved_model_file = str(resume_file)
+        self.logger.info(f"Resuming {resume_file} from epoch {self.start_epoch}")
+
+    def _valid_epoch(self, valid_data, show_progress=False):
+        # fit() saves a new best checkpoint before it records the new best result: keep it here.
+        score, self._last_valid_result = super()._valid_epoch(valid_data, show_progress)
+        return score, self._last_valid_result
+
+    @torch.no_grad()
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        if load_best_model:
+            path = model_file or self.saved_model_file
+            load_weights(self.model, checkpoint.load(path, map_location=self.device)["state_dict"],
+                         path)
+            self.logger.info(f"Loaded the best weights from {path}")
+        return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+
+
+def _floats(result):
+    return None if result is None else {k: float(v) for k, v in result.items()}

@@ -1,0 +1,407 @@
+"""The structured state space duality (SSD, Mamba-2) scan and TiM4Rec's time-aware SSD block.
+
+Three implementations of one function, the SSD scan ``y = SSM(A, B, C, dt)(x)``:
+
+- :func:`ssd_recurrence`: the definition, one time step after the other. Slow; the reference that
+  the tests hold the other two to.
+- :func:`chunk_scan_torch`: the exact chunked algorithm of Mamba-2 (quadratic attention-like form
+  inside a chunk, a linear recurrence between chunks) in plain PyTorch. Any device and dtype, any
+  sequence length, fully differentiable. This is the path on CPU.
+- mamba-ssm's Triton kernel ``mamba_chunk_scan_combined``: the same chunked algorithm, fused, on
+  CUDA only.
+
+:func:`chunk_scan` dispatches between the last two with mamba-ssm's contract. The gated RMSNorm that
+follows the scan has the same pair: :func:`gated_rmsnorm_ref` and mamba-ssm's Triton ``rmsnorm_fn``.
+
+mamba-ssm (every release up to 2.3.2.post1) imports its compiled Mamba-1 extension from the package
+``__init__``, so with a Triton-only install (no CUDA build) ``import mamba_ssm`` fails. The Triton
+modules themselves need no compiled code: :func:`load_triton_ops` imports them without running the
+package ``__init__``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import math
+import sys
+import types
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BACKENDS = ("auto", "triton", "torch")
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------
+# mamba-ssm's Triton kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def load_triton_ops() -> tuple:
+    """Return ``(mamba_chunk_scan_combined, rmsnorm_fn)`` from mamba-ssm, or raise ImportError.
+
+    Imports the two Triton modules without executing ``mamba_ssm/__init__.py`` when that fails,
+    by registering a bare package object whose search path is the installed package's folder.
+    """
+    modules = ("mamba_ssm.ops.triton.ssd_combined", "mamba_ssm.ops.triton.layernorm_gated")
+    try:
+        ssd_combined, layernorm_gated = (importlib.import_module(m) for m in modules)
+    except ImportError as first_error:
+        spec = importlib.util.find_spec("mamba_ssm")
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError("mamba-ssm is not installed") from first_error
+        for name in [m for m in sys.modules if m == "mamba_ssm" or m.startswith("mamba_ssm.")]:
+            del sys.modules[name]
+        package = types.ModuleType("mamba_ssm")
+        package.__path__ = list(spec.submodule_search_locations)
+        package.__spec__ = spec
+        sys.modules["mamba_ssm"] = package
+        try:
+            ssd_combined, layernorm_gated = (importlib.import_module(m) for m in modules)
+        except ImportError as error:
+            del sys.modules["mamba_ssm"]
+            raise ImportError(f"mamba-ssm's Triton modules failed to import: {error}") from error
+    return ssd_combined.mamba_chunk_scan_combined, layernorm_gated.rmsnorm_fn
+
+
+def triton_unavailable_reason() -> str | None:
+    """Why the Triton path cannot run here, or None when it can."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    try:
+        load_triton_ops()
+    except ImportError as error:
+        return str(error)
+    return None
+
+
+def resolve_backend(requested: str, device: torch.device | str) -> str:
+    """Turn ``auto|triton|torch`` into the backend that runs on ``device`` (never silently).
+
+    ``auto`` picks Triton on CUDA when mamba-ssm's kernels load, else PyTorch, with a warning on CUDA.
+    ``triton`` raises when the kernels cannot run: the user asked for them explicitly.
+    """
+    if requested not in BACKENDS:
+        raise ValueError(f"ssd_backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
+    if requested == "torch":
+        return "torch"
+    on_cuda = torch.device(device).type == "cuda"
+    reason = "the model runs on the CPU" if not on_cuda else triton_unavailable_reason()
+    if reason is None:
+        return "triton"
+    if requested == "triton":
+        raise ValueError(f"ssd_backend=triton cannot run: {reason}")
+    if on_cuda:
+        logger.warning("mamba-ssm Triton kernels unavailable (%s); using the PyTorch SSD scan", reason)
+    return "torch"
+
+
+# --------------------------------------------------------------------------------------------------
+# The scan
+# --------------------------------------------------------------------------------------------------
+
+
+def _step_sizes(dt, dt_bias, dt_softplus, dt_limit):
+    """``delta = clamp(softplus(dt + dt_bias), *dt_limit)`` in the compute dtype, as the kernel does."""
+    if dt_bias is not None:
+        dt = dt + dt_bias
+    if dt_softplus:
+        dt = F.softplus(dt)  # threshold 20 as in the kernel: identity above it
+    return dt.clamp(min=dt_limit[0], max=dt_limit[1])
+
+
+def _heads(t: torch.Tensor, nheads: int) -> torch.Tensor:
+    """[..., G, N] -> [..., H, N]: head h reads group h // (H / G), as in mamba-ssm."""
+    return t.repeat_interleave(nheads // t.shape[-2], dim=-2)
+
+
+def _skip_and_gate(y, x, D, z):
+    if D is not None:
+        y = y + x * (D[:, None] if D.dim() == 1 else D)
+    if z is not None:
+        y = y * F.silu(z)
+    return y
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    # Half inputs are computed in float32, as the kernel accumulates; float64 stays float64.
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def ssd_recurrence(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                   dt_limit=(0.0, float("inf"))):
+    """The SSD scan by its definition, one step at a time (reference; any shapes of chunk_scan).
+
+    ``state_t = exp(delta_t A) state_{t-1} + delta_t x_t B_t^T``, ``y_t = state_t C_t + D x_t``.
+    """
+    out_dtype, cdt = x.dtype, _compute_dtype(x)
+    x, dt, A, B, C = (t.to(cdt) for t in (x, dt, A, B, C))
+    batch, seqlen, nheads, headdim = x.shape
+    delta = _step_sizes(dt, None if dt_bias is None else dt_bias.to(cdt), dt_softplus, dt_limit)
+    B, C = _heads(B, nheads), _heads(C, nheads)  # [b l h n]
+    state = x.new_zeros(batch, nheads, headdim, B.shape[-1])  # [b h p n]
+    ys = []
+    for t in range(seqlen):
+        decay = torch.exp(delta[:, t] * A)[:, :, None, None]  # [b h 1 1]
+        inject = (delta[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]  # [b h p n]
+        state = decay * state + inject
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, C[:, t]))
+    y = torch.stack(ys, dim=1)  # [b l h p]
+    y = _skip_and_gate(y, x, None if D is None else D.to(cdt), None if z is None else z.to(cdt))
+    return y.to(out_dtype)
+
+
+def chunk_scan_torch(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
+                     dt_limit=(0.0, float("inf"))):
+    """The exact chunked SSD algorithm in PyTorch (mamba-ssm's ``mamba_chunk_scan_combined`` contract).
+
+    Inside a chunk of Q steps: ``y = (L o C B^T)(delta x)`` with the decay mask
+    ``L[t, s] = exp(sum_{k=s+1..t} delta_k A)`` for ``s <= t``. Between chunks: each chunk's final
+    state is passed on with the chunk's total decay, and read out by the next chunk through ``C``.
+    The sequence is zero-padded to a multiple of Q with ``delta = 0`` (no decay, no input), which
+    leaves every real position unchanged.
+
+    Heads are split as (group g, head-in-group r) so that what a group's heads share, ``C B^T`` and
+    the products with B and C, is computed once per group as one matmul, never copied per head.
+    """
+    out_dtype, cdt = x.dtype, _compute_dtype(x)
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    r = nheads // ngroups
+    x, dt, A, B, C = (t.to(cdt) for t in (x, dt, A, B, C))
+    delta = _step_sizes(dt, None if dt_bias is None else dt_bias.to(cdt), dt_softplus, dt_limit)
+
+    pad = (-seqlen) % chunk_size
+    nc, q = (seqlen + pad) // chunk_size, chunk_size
+
+    def chunked(t, *tail):  # [b l ...] -> [b c q g *tail], zero-padded
+        t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
+        return t.reshape(batch, nc, q, ngroups, *tail)
+
+    xc = chunked(x, r, headdim).permute(0, 3, 1, 2, 4, 5)  # [b g c q r p] (a view)
+    dtc = chunked(delta, r).permute(0, 3, 4, 1, 2)  # [b g r c q]
+    Bc = chunked(B, dstate).permute(0, 3, 1, 2, 4)  # [b g c q n]
+    Cc = chunked(C, dstate).permute(0, 3, 1, 2, 4)  # [b g c q n]
+    dA_cs = torch.cumsum(dtc * A.reshape(ngroups, r, 1, 1), dim=-1)  # [b g r c q], from chunk start
+
+    def per_step(t):  # [b g r c q] -> [b g c q r 1], to scale [b g c q r p]
+        return t.permute(0, 1, 3, 4, 2)[..., None]
+
+    x_dt = xc * per_step(dtc)  # [b g c q r p]
+
+    # 1. Inside each chunk. Mask before exp so that no inf ever enters the graph (its gradient is NaN).
+    causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
+    log_decay = (dA_cs[..., :, None] - dA_cs[..., None, :]).masked_fill(~causal, float("-inf"))
+    scores = (Cc @ Bc.transpose(-1, -2))[:, :, None] * torch.exp(log_decay)  # [b g r c t s]
+    y = (scores @ x_dt.permute(0, 1, 4, 2, 3, 5)).permute(0, 1, 3, 4, 2, 5)  # [b g c q r p]
+
+    if nc > 1:
+        # 2. The state each chunk leaves behind (the last chunk's is never read), as [n, (r p)].
+        to_end = per_step(torch.exp(dA_cs[..., -1:] - dA_cs))  # [b g c q r 1]
+        inputs = (x_dt * to_end)[:, :, :-1].reshape(batch, ngroups, nc - 1, q, r * headdim)
+        chunk_states = Bc[:, :, :-1].transpose(-1, -2) @ inputs  # [b g c-1 n (r p)]
+
+        # 3. Pass states from chunk to chunk (few chunks: a loop is exact and cheap).
+        chunk_decay = torch.exp(dA_cs[..., -1]).permute(0, 1, 3, 2)[:, :, :, None, :, None]
+        state = x.new_zeros(batch, ngroups, dstate, r, headdim)  # [b g n r p]
+        entering = [state]
+        for c in range(nc - 1):
+            state = chunk_decay[:, :, c] * state + chunk_states[:, :, c].view_as(state)
+            entering.append(state)
+        entering = torch.stack(entering, dim=2).reshape(batch, ngroups, nc, dstate, r * headdim)
+
+        # 4. What the entering state contributes at each step of its chunk.
+        y_off = (Cc @ entering).view(batch, ngroups, nc, q, r, headdim)  # [b g c q r p]
+        y = y + y_off * per_step(torch.exp(dA_cs))
+
+    y = y.permute(0, 2, 3, 1, 4, 5).reshape(batch, nc * q, nheads, headdim)[:, :seqlen]  # [b l h p]
+    y = _skip_and_gate(y, x, None if D is None else D.to(cdt), None if z is None else z.to(cdt))
+    return y.to(out_dtype)
+
+
+def chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
+               dt_limit=(0.0, float("inf")), backend="auto"):
+    """SSD scan with the contract of mamba-ssm's ``mamba_chunk_scan_combined``.
+
+    Args:
+        x: [batch, seqlen, nheads, headdim]
+        dt: [batch, seqlen, nheads] raw step sizes (before ``dt_bias``, softplus and ``dt_limit``)
+        A: [nheads] (negative for a decaying state)
+        B, C: [batch, seqlen, ngroups, dstate]; nheads must be a multiple of ngroups
+        chunk_size: steps per chunk
+        D: [nheads] or [nheads, headdim] skip connection, optional
+        z: [batch, seqlen, nheads, headdim]; the output is multiplied by ``silu(z)``, optional
+        dt_bias: [nheads], optional
+        dt_softplus: apply softplus to ``dt + dt_bias``
+        dt_limit: clamp of the step sizes
+        backend: ``auto`` (Triton on CUDA when available), ``triton`` or ``torch``
+    Returns:
+        y: [batch, seqlen, nheads, headdim]
+    """
+    if backend == "auto":
+        backend = "triton" if x.is_cuda and triton_unavailable_reason() is None else "torch"
+    if backend == "triton":
+        scan, _ = load_triton_ops()
+        return scan(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
+                    dt_softplus=dt_softplus, dt_limit=tuple(dt_limit))
+    if backend != "torch":
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    return chunk_scan_torch(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
+                            dt_softplus=dt_softplus, dt_limit=dt_limit)
+
+
+# --------------------------------------------------------------------------------------------------
+# Gated RMSNorm
+# --------------------------------------------------------------------------------------------------
+
+
+def gated_rmsnorm_ref(x, z, weight, eps, norm_before_gate=False):
+    """``RMSNorm(x * silu(z)) * weight`` over the last axis (one group), computed in >= float32."""
+    out_dtype, cdt = x.dtype, _compute_dtype(x)
+    x, weight = x.to(cdt), weight.to(cdt)
+    gate = F.silu(z.to(cdt)) if z is not None else None
+    if gate is not None and not norm_before_gate:
+        x = x * gate
+    out = x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + eps) * weight
+    if gate is not None and norm_before_gate:
+        out = out * gate
+    return out.to(out_dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """mamba-ssm's ``RMSNormGated(E, norm_before_gate=False)``: same parameter (``weight``), same maths."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, norm_before_gate: bool = False,
+                 backend: str = "auto"):
+        super().__init__()
+        self.eps = eps
+        self.norm_before_gate = norm_before_gate
+        self.backend = backend
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, x, z=None):
+        use_triton = self.backend == "triton" or (
+            self.backend == "auto" and x.is_cuda and triton_unavailable_reason() is None)
+        if use_triton:
+            _, rmsnorm_fn = load_triton_ops()
+            return rmsnorm_fn(x, self.weight, None, z=z, eps=self.eps, group_size=None,
+                              norm_before_gate=self.norm_before_gate)
+        return gated_rmsnorm_ref(x, z, self.weight, self.eps, self.norm_before_gate)
+
+
+# --------------------------------------------------------------------------------------------------
+# TiM4Rec's time-aware SSD block
+# --------------------------------------------------------------------------------------------------
+
+
+class CausalConv1d(nn.Conv1d):
+    """Depthwise Conv1d over the sequence that sees only the current and earlier steps.
+
+    A plain ``nn.Conv1d`` (so the state_dict keys and the weight shape [channels, 1, K] match
+    upstream checkpoints) with K - 1 steps of left context: pad both sides, keep the first L outputs.
+    """
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__(channels, channels, kernel_size, groups=channels, padding=kernel_size - 1)
+
+    def forward(self, x):  # [B C L] -> [B C L]
+        return super().forward(x)[..., : x.shape[-1]]
+
+
+class TimeAwareSSD(nn.Module):
+    """The TiSSD block of TiM4Rec: an SSD (Mamba-2) mixer whose step sizes are modulated by time.
+
+    ``forward(u, tau)`` takes the sequence ``u`` [B L D] and the normalised time-interval signal
+    ``tau`` [B H L] (or None without time) and returns ``(out [B L D], tau_next [B H L] or None)``.
+    Submodule and parameter names follow the authors' code, so their checkpoints load unchanged.
+
+    NOTE: the convolution on x, B, C is followed by Hardswish, as in the authors' code for every
+    shipped configuration (their code uses SiLU only when causal-conv1d is installed and the head count
+    is a multiple of 8). Set ``conv_activation="silu"`` for Mamba-2's usual activation.
+    """
+
+    def __init__(self, d_model: int, max_seq_length: int, d_state: int = 32, d_conv: int = 4,
+                 expand: int = 2, head_dim: int = 32, chunk_size: int = 32, norm_eps: float = 1e-5,
+                 is_time: bool = True, p2p_residual: bool = False, time_drop_out: float = 0.0,
+                 conv_activation: str = "hardswish", dt_min: float = 0.001, dt_max: float = 0.1,
+                 dt_init_floor: float = 1e-4, A_init_range: tuple = (1, 16),
+                 dt_limit: tuple = (0.0, float("inf")), backend: str = "auto"):
+        super().__init__()
+        d_inner = expand * d_model
+        if d_inner % head_dim:
+            raise ValueError(f"head_dim ({head_dim}) must divide hidden_size * expand ({d_inner})")
+        if chunk_size < 1 or chunk_size & (chunk_size - 1):
+            raise ValueError(f"chunk_size must be a power of two, got {chunk_size}")
+        if conv_activation not in ("hardswish", "silu"):
+            raise ValueError(f"conv_activation must be hardswish or silu, got {conv_activation!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"ssd_backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        self.d_inner, self.d_state, self.head_dim = d_inner, d_state, head_dim
+        self.nheads = d_inner // head_dim
+        self.chunk_size, self.dt_limit, self.backend = chunk_size, tuple(dt_limit), backend
+        self.is_time = is_time
+        self.activation = nn.Hardswish() if conv_activation == "hardswish" else nn.SiLU()
+
+        # z [E], xBC [E + 2N], dt [H]
+        self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * d_state + self.nheads)
+        self.conv1d = CausalConv1d(d_inner + 2 * d_state, d_conv)
+
+        if is_time:
+            L, H = max_seq_length, self.nheads
+            self.conv1d4time_1 = CausalConv1d(H, d_conv)
+            self.conv1d4time_2 = CausalConv1d(H, d_conv)
+            self.mlp4time_scale = nn.Sequential(
+                nn.Dropout(time_drop_out), nn.Linear(L, L), nn.SiLU(), nn.Linear(L, L))
+            self.time_gate_residual = nn.Sequential(
+                nn.Dropout(time_drop_out), nn.Linear(L, L if p2p_residual else 1), nn.Sigmoid())
+            self.time_layer_norm = nn.LayerNorm(L, eps=norm_eps)
+
+        # Step sizes log-uniform in [dt_min, dt_max]; dt_bias is their inverse softplus.
+        dt = torch.exp(torch.rand(self.nheads) * (math.log(dt_max) - math.log(dt_min))
+                       + math.log(dt_min)).clamp(min=dt_init_floor)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log = nn.Parameter(torch.log(torch.empty(self.nheads).uniform_(*A_init_range)))
+        self.D = nn.Parameter(torch.ones(self.nheads))
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True
+
+        self.norm = GatedRMSNorm(d_inner, eps=norm_eps, norm_before_gate=False, backend=backend)
+        self.out_proj = nn.Linear(d_inner, d_model)
+
+    def time_step_gate(self, tau):
+        """``g = Hardswish(conv2(Hardswish(conv1(tau * MLP(tau)))))`` [B H L]: the per-step dt factor."""
+        g = tau * self.mlp4time_scale(tau)
+        g = F.hardswish(self.conv1d4time_1(g))
+        return F.hardswish(self.conv1d4time_2(g))
+
+    def next_time_signal(self, tau, g):
+        """Gated residual mix of this layer's time signal and its gate, normalised over the sequence."""
+        r = self.time_gate_residual(tau)  # [B H L] or [B H 1]
+        return self.time_layer_norm(r * tau + (1 - r) * g)
+
+    def forward(self, u, tau=None):
+        batch, seqlen, _ = u.shape
+        E, N, H, P = self.d_inner, self.d_state, self.nheads, self.head_dim
+        z, xBC, dt = torch.split(self.in_proj(u), [E, E + 2 * N, H], dim=-1)
+        xBC = self.activation(self.conv1d(xBC.transpose(1, 2)).transpose(1, 2))  # [B L E+2N]
+        x, B, C = torch.split(xBC, [E, N, N], dim=-1)
+
+        tau_next = None
+        if self.is_time:
+            g = self.time_step_gate(tau)  # [B H L]
+            dt = dt * g.transpose(1, 2)  # [B L H]
+            tau_next = self.next_time_signal(tau, g)
+
+        y = chunk_scan(
+            x.reshape(batch, seqlen, H, P), dt, -torch.exp(self.A_log),
+            B.unsqueeze(2), C.unsqueeze(2), self.chunk_size, D=self.D, dt_bias=self.dt_bias,
+            dt_softplus=True, dt_limit=self.dt_limit, backend=self.backend,
+        ).reshape(batch, seqlen, E)  # [B L E]
+        return self.out_proj(self.norm(y, z)), tau_next

@@ -1,0 +1,496 @@
+"""The baselines: every one builds on a tiny dataset, trains a step and ranks all items; and the
+numerics each plugin model rests on (TiSASRec's intervals and attention, LRURec's scan, Mamba4Rec's
+backends, SSD4Rec's two directions and its padding)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline import compat
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINE_DIR = ROOT / "baseline"
+PLUGINS = ("TiSASRec", "LRURec", "Mamba4Rec", "SSD4Rec")
+
+
+def load_baseline(name: str):
+    """``baseline/<name>/model.py`` as a module, under the name the project's registry gives it."""
+    module_name = f"baseline_{name.lower()}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, BASELINE_DIR / name / "model.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+def requires(name: str) -> None:
+    if name == "Mamba4Rec":
+        pytest.importorskip("mambapy", reason="Mamba4Rec's torch backend needs mambapy")
+
+
+_BUILT: dict = {}
+
+
+def build(name: str, data_path: Path, checkpoint_dir: Path, **overrides):
+    """(model, train_data, test_data) of ``name`` on the dataset ``tiny``, cached per setting."""
+    key = (name, tuple(sorted(overrides.items())))
+    if key in _BUILT:
+        return _BUILT[key]
+    compat.apply()
+    from recbole.config import Config
+    from recbole.data import create_dataset, data_preparation
+    from recbole.utils import get_model, init_seed
+
+    model_class = load_baseline(name).__dict__[name] if name in PLUGINS else get_model(name)
+    config = Config(
+        model=model_class,
+        dataset="tiny",
+        config_file_list=[str(BASELINE_DIR / name / "config.yaml")],
+        config_dict={
+            "data_path": str(data_path),
+            "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+            "train_neg_sample_args": None,
+            "MAX_ITEM_LIST_LENGTH": 10,
+            "epochs": 1,
+            "use_gpu": False,
+            "user_inter_num_interval": "[5,inf)",
+            "item_inter_num_interval": "[5,inf)",
+            "train_batch_size": 32,
+            "eval_batch_size": 64,
+            "show_progress": False,
+            "checkpoint_dir": str(checkpoint_dir),
+            "state": "WARNING",
+            **overrides,
+        },
+    )
+    init_seed(config["seed"], config["reproducibility"])
+    dataset = create_dataset(config)
+    train_data, _, test_data = data_preparation(config, dataset)
+    model = model_class(config, train_data._dataset)
+    _BUILT[key] = (model, train_data, test_data)
+    return _BUILT[key]
+
+
+@pytest.fixture
+def make(tiny_data_path, tmp_path_factory):
+    def _make(name, **overrides):
+        requires(name)
+        return build(name, tiny_data_path, tmp_path_factory.mktemp("saved"), **overrides)
+
+    return _make
+
+
+def train_step_and_rank(model, train_data, test_data):
+    model.train()
+    model.zero_grad()
+    loss = model.calculate_loss(next(iter(train_data)))
+    assert torch.isfinite(loss), loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+    model.eval()
+    batch = next(iter(test_data))[0]
+    with torch.no_grad():
+        scores = model.full_sort_predict(batch)
+    assert scores.shape == (len(batch), model.n_items)
+    assert torch.isfinite(scores).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Every baseline builds, trains a step and ranks all items
+# ------------------------------------------------------------------------------------------------
+
+# Values that differ from RecBole's own defaults: read back, they prove the file's keys are used.
+BUILTIN_SETTINGS = {
+    "SASRec": {"n_heads": 8, "hidden_dropout_prob": 0.2, "attn_dropout_prob": 0.2, "n_layers": 2},
+    "BERT4Rec": {
+        "n_heads": 2,
+        "hidden_dropout_prob": 0.4,
+        "attn_dropout_prob": 0.4,
+        "mask_ratio": 0.2,
+    },
+    "GRU4Rec": {"embedding_size": 64, "hidden_size": 128, "num_layers": 2, "dropout_prob": 0.4},
+    "Caser": {"n_v": 4, "n_h": 8, "reg_weight": 1e-4, "dropout_prob": 0.2},
+}
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_SETTINGS))
+def test_recbole_builtin_reads_its_settings_and_trains(make, name):
+    model, train_data, test_data = make(name)
+    for attribute, value in BUILTIN_SETTINGS[name].items():
+        assert getattr(model, attribute) == value, attribute
+    assert model.loss_type == "CE"
+    train_step_and_rank(model, train_data, test_data)
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("TiSASRec", {}),
+        ("TiSASRec", {"interval_mode": "raw"}),
+        ("LRURec", {}),
+        ("Mamba4Rec", {}),
+        ("SSD4Rec", {}),
+        ("SSD4Rec", {"bidirectional": False}),
+    ],
+    ids=["TiSASRec", "TiSASRec-raw", "LRURec", "Mamba4Rec", "SSD4Rec", "SSD4Rec-one-direction"],
+)
+def test_plugin_model_trains_and_ranks(make, name, overrides):
+    model, train_data, test_data = make(name, **overrides)
+    train_step_and_rank(model, train_data, test_data)
+
+
+def with_noisy_padding(model, batch, seed=0):
+    """A copy of ``batch`` whose padded slots hold random items (and random times)."""
+    generator = torch.Generator().manual_seed(seed)
+    noisy = batch.__class__({key: batch[key].clone() for key in batch.columns})
+    item_seq, lengths = noisy[model.ITEM_SEQ], noisy[model.ITEM_SEQ_LEN]
+    padded = torch.arange(item_seq.size(1)) >= lengths.unsqueeze(1)  # [B L]
+    assert padded.any(), "the test batch needs some padding"
+    junk = torch.randint(1, model.n_items, item_seq.shape, generator=generator)
+    noisy[model.ITEM_SEQ] = torch.where(padded, junk, item_seq)
+    times = noisy["timestamp_list"]
+    noisy["timestamp_list"] = torch.where(
+        padded, torch.rand(times.shape, generator=generator) * 2e9, times
+    )
+    return noisy
+
+
+@pytest.mark.parametrize("name", PLUGINS)
+def test_padded_slots_do_not_change_the_ranking(make, name):
+    model, _, test_data = make(name)
+    model.eval()
+    batch = next(iter(test_data))[0]
+    batch = batch[batch[model.ITEM_SEQ_LEN] < model.max_seq_length]
+    with torch.no_grad():
+        clean = model.full_sort_predict(batch)
+        noisy = model.full_sort_predict(with_noisy_padding(model, batch))
+    torch.testing.assert_close(noisy, clean, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# TiSASRec
+# ------------------------------------------------------------------------------------------------
+
+# Row 0: gaps 60, 0, 90, 150 -> r_min 60; |t_i - t_j| / 60 = 1, 2.5, 5, 1.5, 4, ... floored and
+# clipped.
+# Row 1: one item. Row 2: two items (gap 3), padded slots hold junk. Row 3: Unix-scale float32
+# times, gaps 128 and 256.
+TIMES = torch.tensor(
+    [
+        [100.0, 160.0, 160.0, 250.0, 400.0],
+        [50.0, 0.0, 0.0, 0.0, 0.0],
+        [10.0, 13.0, 999.0, 5.0, 0.0],
+        [1e9, 1e9 + 128, 1e9 + 384, 0.0, 0.0],
+    ],
+    dtype=torch.float32,
+)
+LENGTHS = torch.tensor([5, 1, 2, 3])
+
+
+def padded(rows, size=5):
+    out = torch.zeros(size, size, dtype=torch.long)
+    rows = torch.tensor(rows)
+    out[: rows.size(0), : rows.size(1)] = rows
+    return out
+
+
+def test_tisasrec_personalized_intervals_hand_worked():
+    interval_matrix = load_baseline("TiSASRec").interval_matrix
+    expected = torch.stack(
+        [
+            torch.tensor(
+                [
+                    [0, 1, 1, 2, 4],
+                    [1, 0, 0, 1, 4],
+                    [1, 0, 0, 1, 4],
+                    [2, 1, 1, 0, 2],
+                    [4, 4, 4, 2, 0],
+                ]
+            ),
+            padded([[0]]),
+            padded([[0, 1], [1, 0]]),
+            padded([[0, 1, 3], [1, 0, 2], [3, 2, 0]]),
+        ]
+    )
+    got = interval_matrix(TIMES, LENGTHS, time_span=4, mode="personalized")
+    assert got.dtype == torch.long
+    torch.testing.assert_close(got, expected)
+
+
+def test_tisasrec_raw_intervals_hand_worked():
+    interval_matrix = load_baseline("TiSASRec").interval_matrix
+    expected = torch.stack(
+        [
+            torch.tensor(
+                [
+                    [0, 60, 60, 150, 200],
+                    [60, 0, 0, 90, 200],
+                    [60, 0, 0, 90, 200],
+                    [150, 90, 90, 0, 150],
+                    [200, 200, 200, 150, 0],
+                ]
+            ),
+            padded([[0]]),
+            padded([[0, 3], [3, 0]]),
+            padded([[0, 128, 200], [128, 0, 200], [200, 200, 0]]),
+        ]
+    )
+    torch.testing.assert_close(interval_matrix(TIMES, LENGTHS, time_span=200, mode="raw"), expected)
+
+
+def test_tisasrec_interval_mode_is_validated():
+    interval_matrix = load_baseline("TiSASRec").interval_matrix
+    with pytest.raises(ValueError, match="interval mode"):
+        interval_matrix(TIMES, LENGTHS, time_span=4, mode="seconds")
+
+
+def test_tisasrec_factored_interval_attention_equals_per_pair_form():
+    """Evaluation's gather/scatter form computes exactly what training's [B L L D] form does."""
+    module = load_baseline("TiSASRec")
+    torch.manual_seed(0)
+    batch, length, hidden, heads, span = 3, 7, 8, 2, 5
+    attention = module.TimeIntervalAttention(hidden, heads, attn_dropout_prob=0.0).double().eval()
+    x, keys, pos_k, pos_v = (
+        torch.randn(batch, length, hidden, dtype=torch.float64) for _ in range(4)
+    )
+    table_k, table_v = (torch.randn(span + 1, hidden, dtype=torch.float64) for _ in range(2))
+    intervals = torch.randint(0, span + 1, (batch, length, length))
+    lengths = torch.tensor([7, 4, 1])
+    real = torch.arange(length) < lengths.unsqueeze(1)
+    attend = (torch.ones(length, length, dtype=torch.bool).tril() & real.unsqueeze(1)).unsqueeze(1)
+
+    factored = attention(x, keys, pos_k, pos_v, intervals, table_k, table_v, attend)
+    per_pair = attention(
+        x, keys, pos_k, pos_v, intervals, table_k[intervals], table_v[intervals], attend
+    )
+    torch.testing.assert_close(factored, per_pair, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# LRURec
+# ------------------------------------------------------------------------------------------------
+
+
+def lru_recurrence(lam, inputs):
+    """h_t = lam * h_{t-1} + inputs_t, one step after the other."""
+    state = torch.zeros_like(inputs[..., 0, :])
+    states = []
+    for t in range(inputs.size(-2)):
+        state = lam * state + inputs[..., t, :]
+        states.append(state)
+    return torch.stack(states, dim=-2)
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 7, 13, 50])
+def test_lru_parallel_scan_matches_recurrence(length):
+    scan = load_baseline("LRURec").lru_parallel_scan
+    generator = torch.Generator().manual_seed(length)
+    n_states = 6
+    modulus = 0.5 + 0.49 * torch.rand(n_states, dtype=torch.float64, generator=generator)
+    phase = 2 * math.pi * torch.rand(n_states, dtype=torch.float64, generator=generator)
+    lam = torch.polar(modulus, phase).requires_grad_()
+    inputs = torch.complex(
+        torch.randn(2, length, n_states, dtype=torch.float64, generator=generator),
+        torch.randn(2, length, n_states, dtype=torch.float64, generator=generator),
+    ).requires_grad_()
+    weight = torch.randn(2, length, n_states, dtype=torch.float64, generator=generator)
+
+    def run(fn):
+        states = fn(lam, inputs)
+        # A one-step scan never touches lam: its gradient is then zero, as the recurrence's.
+        (grad_lam, grad_inputs) = torch.autograd.grad(
+            (states.real * weight + states.imag * weight.flip(-1)).sum(),
+            (lam, inputs),
+            allow_unused=True,
+            materialize_grads=True,
+        )
+        return states, grad_lam, grad_inputs
+
+    for fast, slow in zip(run(scan), run(lru_recurrence)):
+        torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-10)
+
+
+def test_lru_ring_init_law():
+    module = load_baseline("LRURec")
+    torch.manual_seed(0)
+    nu_log, theta_log, gamma_log = module.ring_init(4096, r_min=0.8, r_max=0.99)
+    modulus = torch.exp(-torch.exp(nu_log))
+    phase = torch.exp(theta_log)
+    assert modulus.min() >= 0.8 - 1e-6 and modulus.max() <= 0.99 + 1e-6
+    assert phase.min() >= 0 and phase.max() <= 2 * math.pi
+    torch.testing.assert_close(torch.exp(gamma_log), torch.sqrt(1 - modulus**2))
+    # Uniform on the ring's area: |lambda|^2 is uniform on [r_min^2, r_max^2].
+    assert abs((modulus**2).mean().item() - (0.8**2 + 0.99**2) / 2) < 0.01
+
+
+def test_lru_left_padding():
+    to_left_padding = load_baseline("LRURec").to_left_padding
+    seq = torch.tensor([[1, 2, 3, 0, 0], [4, 5, 6, 7, 8], [9, 0, 0, 0, 0]])
+    expected = torch.tensor([[0, 0, 1, 2, 3], [4, 5, 6, 7, 8], [0, 0, 0, 0, 9]])
+    torch.testing.assert_close(to_left_padding(seq, torch.tensor([3, 5, 1])), expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# Mamba4Rec
+# ------------------------------------------------------------------------------------------------
+
+
+def test_mamba_backend_selection_is_explicit(caplog):
+    module = load_baseline("Mamba4Rec")
+    with caplog.at_level(logging.WARNING):
+        assert module.select_backend("auto", "cpu") == "torch"
+    assert any("falling back" in record.getMessage() for record in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert module.select_backend("torch", "cpu") == "torch"
+    assert not caplog.records
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        module.select_backend("cuda", "cpu")
+    with pytest.raises(ValueError, match="mamba_backend"):
+        module.select_backend("triton", "cpu")
+
+
+def mamba_reference(block, u):
+    """Mamba-1 (mamba-ssm's ``Mamba.forward`` maths), one step after the other, from the block's
+    parameters read by mamba-ssm's names."""
+    d_inner, d_state = block.A_log.shape
+    dt_rank = block.dt_proj.weight.shape[1]
+    length = u.size(1)
+    x, z = block.in_proj(u).chunk(2, dim=-1)  # [B L E]
+    kernel = block.conv1d.weight.shape[-1]
+    x = F.conv1d(
+        F.pad(x.transpose(1, 2), (kernel - 1, 0)),
+        block.conv1d.weight,
+        block.conv1d.bias,
+        groups=d_inner,
+    )
+    x = F.silu(x).transpose(1, 2)  # [B L E]
+    dt, B, C = block.x_proj(x).split([dt_rank, d_state, d_state], dim=-1)
+    delta = F.softplus(block.dt_proj(dt))  # [B L E]
+    A = -torch.exp(block.A_log)  # [E N]
+    state = u.new_zeros(u.size(0), d_inner, d_state)
+    ys = []
+    for t in range(length):
+        state = (
+            torch.exp(delta[:, t, :, None] * A) * state
+            + (delta[:, t] * x[:, t])[..., None] * B[:, t, None, :]
+        )
+        ys.append((state * C[:, t, None, :]).sum(-1) + block.D * x[:, t])
+    y = torch.stack(ys, dim=1) * F.silu(z)
+    return block.out_proj(y)
+
+
+def test_mamba_torch_backend_has_mamba_ssm_keys_and_maths():
+    pytest.importorskip("mambapy")
+    module = load_baseline("Mamba4Rec")
+    torch.manual_seed(0)
+    d_model, d_state, d_conv, expand = 16, 8, 4, 2
+    block = module.build_mamba_block("torch", d_model, d_state, d_conv, expand).double()
+    d_inner, dt_rank = expand * d_model, math.ceil(d_model / 16)
+    expected = {  # mamba_ssm.modules.mamba_simple.Mamba (bias=False, conv_bias=True)
+        "in_proj.weight": (2 * d_inner, d_model),
+        "conv1d.weight": (d_inner, 1, d_conv),
+        "conv1d.bias": (d_inner,),
+        "x_proj.weight": (dt_rank + 2 * d_state, d_inner),
+        "dt_proj.weight": (d_inner, dt_rank),
+        "dt_proj.bias": (d_inner,),
+        "A_log": (d_inner, d_state),
+        "D": (d_inner,),
+        "out_proj.weight": (d_model, d_inner),
+    }
+    assert {k: tuple(v.shape) for k, v in block.state_dict().items()} == expected
+
+    u = torch.randn(2, 13, d_model, dtype=torch.float64)  # 13: not a power of two
+    # mambapy reads A_log and D in float32; the reference keeps float64, hence the tolerance.
+    torch.testing.assert_close(block(u), mamba_reference(block, u), rtol=1e-6, atol=1e-8)
+
+
+# ------------------------------------------------------------------------------------------------
+# SSD4Rec
+# ------------------------------------------------------------------------------------------------
+
+
+def test_reverse_within_length_hand_worked():
+    reverse = load_baseline("SSD4Rec").reverse_within_length
+    seq = torch.tensor([[1, 2, 3, 0, 0], [4, 5, 6, 7, 8], [9, 0, 0, 0, 0]])
+    lengths = torch.tensor([3, 5, 1])
+    expected = torch.tensor([[3, 2, 1, 0, 0], [8, 7, 6, 5, 4], [9, 0, 0, 0, 0]])
+    torch.testing.assert_close(reverse(seq, lengths), expected)
+    torch.testing.assert_close(reverse(expected, lengths), seq)
+    features = torch.randn(3, 5, 4)
+    torch.testing.assert_close(reverse(reverse(features, lengths), lengths), features)
+    torch.testing.assert_close(reverse(features, lengths)[0, 0], features[0, 2])
+
+
+def perturbed_at(x, position):
+    y = x.clone()
+    y[:, position] += torch.randn_like(y[:, position])
+    return y
+
+
+def changed(a, b):
+    """Per position: does any channel differ? [B L D] -> [L] over the first row."""
+    return ((a - b).abs() > 1e-9).any(-1)[0]
+
+
+def test_ssd4rec_directions(make):
+    model, _, _ = make("SSD4Rec")
+    layer = copy.deepcopy(model.ssd_layers[0]).double().eval()
+    torch.manual_seed(0)
+    length, k = 9, 4
+    x = torch.randn(1, length, model.hidden_size, dtype=torch.float64)
+    y = perturbed_at(x, k)
+    lengths = torch.tensor([7])  # slots 7, 8 are padding
+
+    forward = changed(layer.forward_ssd(x), layer.forward_ssd(y))
+    assert not forward[:k].any() and forward[k:].all()  # causal
+
+    backward = changed(layer.backward_direction(x, lengths), layer.backward_direction(y, lengths))
+    assert (
+        backward[: k + 1].all() and not backward[k + 1 : 7].any()
+    )  # anti-causal within the length
+
+    both = changed(layer(x, lengths), layer(y, lengths))
+    assert both[:7].all()  # every real position sees position k
+
+
+def test_ssd4rec_one_direction_is_causal(make):
+    model, _, _ = make("SSD4Rec", bidirectional=False)
+    model.eval()
+    item_seq = torch.tensor([[3, 5, 7, 2, 9, 4, 0, 0]])
+    other = item_seq.clone()
+    other[0, 3] = 11
+    with torch.no_grad():
+        diff = changed(
+            model.encode(item_seq, torch.tensor([6])), model.encode(other, torch.tensor([6]))
+        )
+    assert not diff[:3].any() and diff[3:6].all()
+
+
+def test_ssd4rec_bidirectional_padding_never_reaches_real_positions(make):
+    model, _, _ = make("SSD4Rec")
+    model.eval()
+    item_seq = torch.tensor([[3, 5, 7, 2, 9, 4, 0, 0, 0, 0], [8, 1, 0, 0, 0, 0, 0, 0, 0, 0]])
+    lengths = torch.tensor([6, 2])
+    junk = item_seq.clone()
+    junk[0, 6:] = torch.tensor([12, 1, 30, 6])
+    junk[1, 2:] = torch.arange(10, 18)
+    with torch.no_grad():
+        clean, noisy = model.encode(item_seq, lengths), model.encode(junk, lengths)
+        # Control: the same change at real slots does reach the first position (bidirectional).
+        assert changed(clean, model.encode(junk, torch.tensor([10, 10]))).any()
+    real = torch.arange(10) < lengths.unsqueeze(1)
+    torch.testing.assert_close(noisy[real], clean[real], rtol=0, atol=1e-6)

@@ -1,0 +1,161 @@
+"""TiM4Rec itself: shapes, causality, upstream checkpoint keys, and parity with the authors' model."""
+
+import pytest
+import torch
+import yaml
+
+from pipeline import ROOT
+from tests.upstream_reference import upstream_keys, upstream_scores
+from tim4rec import TiM4Rec
+
+N_ITEMS = 23
+
+
+class FakeDataset:
+    """What SequentialRecommender reads from a RecBole dataset."""
+
+    def __init__(self, with_time=True):
+        self.field2type = {"item_id_list": None, **({"timestamp_list": None} if with_time else {})}
+
+    def num(self, field):
+        return N_ITEMS
+
+
+def make_config(**overrides):
+    config = yaml.safe_load((ROOT / "config" / "model" / "TiM4Rec.yaml").read_text())
+    config["norm_eps"] = float(config["norm_eps"])
+    config.update(
+        USER_ID_FIELD="user_id", ITEM_ID_FIELD="item_id", TIME_FIELD="timestamp", LIST_SUFFIX="_list",
+        ITEM_LIST_LENGTH_FIELD="item_length", NEG_PREFIX="neg_", MAX_ITEM_LIST_LENGTH=12,
+        device=torch.device("cpu"), loss_type="CE", hidden_size=16, d_state=8, head_dim=8,
+        chunk_size=4, ssd_backend="torch")
+    config.update(overrides)
+    return config
+
+
+def make_model(seed=0, dtype=torch.float64, with_time=True, **overrides):
+    torch.manual_seed(seed)
+    model = TiM4Rec(make_config(**overrides), FakeDataset(with_time)).to(dtype).eval()
+    for p in model.parameters():  # move away from the symmetric init so every weight matters
+        p.data.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def make_batch(batch=5, length=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([length, 1, 3, length - 1, 7][:batch])
+    items = torch.randint(1, N_ITEMS, (batch, length), generator=g)
+    gaps = torch.randint(60, 90 * 86400, (batch, length), generator=g)
+    times = (1_000_000_000 + gaps.cumsum(1)).float()
+    pad = torch.arange(length) >= lengths[:, None]
+    return items.masked_fill(pad, 0), lengths, times.masked_fill(pad, 0.0)
+
+
+PARITY_CASES = {
+    "movie_64d": dict(),
+    "without_time": dict(is_time=False),
+    "p2p_one_layer": dict(p2p_residual=True, num_layers=1),
+    "no_ffn_kaiming_off": dict(is_ffn=False, is_kai_ming_init=False, time_drop_out=0.0),
+}
+
+
+@pytest.mark.parametrize("case", PARITY_CASES)
+def test_full_sort_scores_equal_the_authors_model(case):
+    model = make_model(**PARITY_CASES[case])
+    items, lengths, times = make_batch()
+    interaction = {"item_id_list": items, "item_length": lengths, "timestamp_list": times}
+    ours = model.full_sort_predict(interaction)
+    theirs = upstream_scores(model.state_dict(), make_config(**PARITY_CASES[case]), items, lengths,
+                             times)
+    assert ours.shape == (5, N_ITEMS)
+    assert torch.allclose(ours, theirs, rtol=0, atol=1e-8), (ours - theirs).abs().max()
+
+
+@pytest.mark.parametrize("is_time,num_layers,is_ffn", [(True, 2, True), (False, 3, True),
+                                                        (True, 1, False)])
+def test_state_dict_keys_are_the_authors(is_time, num_layers, is_ffn):
+    model = make_model(is_time=is_time, num_layers=num_layers, is_ffn=is_ffn)
+    assert set(model.state_dict()) == upstream_keys(num_layers, is_time, is_ffn)
+    conv = model.state_dict()["ssd_layers.0.ssd.conv1d.weight"]
+    assert conv.shape == (2 * 16 + 2 * 8, 1, 4)  # PyTorch Conv1d layout [channels, 1, K]
+
+
+def test_loads_an_upstream_state_dict_unchanged():
+    source = make_model(seed=3)
+    upstream_state = {k: v.clone() for k, v in source.state_dict().items()}
+    target = make_model(seed=4)
+    target.load_state_dict(upstream_state)
+    items, lengths, times = make_batch()
+    assert torch.equal(target(items, lengths, times), source(items, lengths, times))
+
+
+def test_without_time_skips_time_weights_of_an_upstream_checkpoint():
+    with_time = make_model(seed=3, is_time=True).state_dict()
+    model = make_model(seed=4, is_time=False)
+    model.load_state_dict(with_time)  # time-branch tensors are unused without time
+    assert torch.equal(model.item_embedding.weight, with_time["item_embedding.weight"])
+    with pytest.raises(RuntimeError, match="Missing key"):
+        make_model(is_time=True).load_state_dict(model.state_dict())
+
+
+def test_shapes_and_loss():
+    model = make_model(dtype=torch.float32).train()
+    items, lengths, times = make_batch()
+    target = torch.randint(1, N_ITEMS, (5,))
+    interaction = {"item_id_list": items, "item_length": lengths, "timestamp_list": times,
+                   "item_id": target}
+    assert model.encode(items, lengths, times).shape == (5, 12, 16)
+    assert model(items, lengths, times).shape == (5, 16)
+    assert model.predict(interaction).shape == (5,)
+    loss = model.calculate_loss(interaction)
+    loss.backward()
+    assert torch.isfinite(loss)
+    # The last layer's next time signal feeds nothing (as upstream): only its weights get no gradient.
+    no_grad = {n for n, p in model.named_parameters() if p.grad is None}
+    assert no_grad == {f"ssd_layers.1.ssd.{m}.{w}" for m in ("time_gate_residual.1", "time_layer_norm")
+                       for w in ("weight", "bias")}
+
+
+def test_causal_without_time():
+    model = make_model(is_time=False)
+    items, lengths, _ = make_batch()
+    changed = items.clone()
+    changed[:, 6:] = (changed[:, 6:] % (N_ITEMS - 1)) + 1
+    before, after = model.encode(items, lengths), model.encode(changed, lengths)
+    assert torch.allclose(before[:, :6], after[:, :6], rtol=0, atol=1e-12)
+    assert not torch.allclose(before[:, 6:], after[:, 6:])
+
+
+def differs(a, b):
+    # At initialisation the time branch moves the output by ~1e-7; float64 noise is ~1e-16.
+    return (a - b).abs().max().item() > 1e-9
+
+
+def test_time_gaps_change_the_scores_and_masking_switch():
+    model = make_model()
+    items, lengths, times = make_batch()
+    # Same items at other times: the gaps of the full-length row 0 reversed.
+    gaps = torch.diff(times[0], prepend=times[0, :1])
+    other = times.clone()
+    other[0] = times[0, 0] + gaps.flip(0).cumsum(0) - gaps[-1]
+    assert differs(model(items, lengths, times)[0], model(items, lengths, other)[0])
+
+    masked = make_model(time_mask_padding=True)
+    masked.load_state_dict(model.state_dict())
+    other_padding = times.clone()
+    other_padding[times == 0] = 5.0e8  # what padded slots hold must not matter when masked
+    assert torch.allclose(masked(items, lengths, times), masked(items, lengths, other_padding),
+                          rtol=0, atol=1e-12)
+    assert differs(model(items, lengths, times), model(items, lengths, other_padding))
+
+
+@pytest.mark.parametrize("overrides,dataset_has_time,message", [
+    (dict(head_dim=12), True, "head_dim"),
+    (dict(chunk_size=6), True, "power of two"),
+    (dict(), False, "is_time needs the time field"),
+    (dict(loss_type="BPR"), True, "CE only"),
+    (dict(ssd_backend="triton"), True, "triton cannot run"),
+])
+def test_bad_hyperparameters_fail_at_construction(overrides, dataset_has_time, message):
+    with pytest.raises(ValueError, match=message):
+        TiM4Rec(make_config(**overrides), FakeDataset(dataset_has_time))

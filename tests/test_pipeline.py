@@ -1,0 +1,124 @@
+"""The training pipeline end to end on a tiny dataset: train, checkpoints, resume, evaluate."""
+
+import math
+
+import pytest
+import torch
+
+from pipeline import checkpoint
+from pipeline.errors import UserError
+from pipeline.settings import build_config
+from pipeline.workflow import evaluate_checkpoint, train
+
+
+@pytest.fixture()
+def tiny(tiny_data_path, tmp_path):
+    """Overrides that train a small TiM4Rec on the tiny dataset, writing under tmp_path."""
+    return {
+        "dataset": "tiny", "data_path": str(tiny_data_path), "epochs": 2, "MAX_ITEM_LIST_LENGTH": 10,
+        "hidden_size": 16, "d_state": 8, "head_dim": 8, "chunk_size": 4, "train_batch_size": 64,
+        "eval_batch_size": 128, "show_progress": False, "use_gpu": False, "topk": [5, 10],
+        "checkpoint_dir": str(tmp_path / "saved"), "log_dir": str(tmp_path / "log"),
+        "tensorboard_dir": str(tmp_path / "tb"),
+    }
+
+
+def test_train_writes_checkpoint_log_and_tensorboard(tiny, tmp_path):
+    result = train(overrides=tiny, quiet=True)
+    ckpt = torch.load(result["checkpoint"], weights_only=True)  # plain data, no pickled objects
+    assert ckpt["format"] == "tim4rec-checkpoint" and ckpt["model"] == "TiM4Rec"
+    assert ckpt["config"]["dataset"] == "tiny" and ckpt["config"]["hidden_size"] == 16
+    assert set(result["test_result"]) == {f"{m}@{k}" for m in ("hit", "ndcg", "mrr")
+                                          for k in (5, 10)}
+    assert all(0 <= v <= 1 for v in result["test_result"].values())
+    assert ckpt["best_valid_result"] == result["best_valid_result"]
+    log = (tmp_path / "log" / "TiM4Rec" / f"{result['run']}.log").read_text()
+    for needed in ("torch:", "recbole:", "mamba-ssm:", "device: cpu", "SSD backend: torch",
+                   "hidden_size"):
+        assert needed in log, needed
+    assert any((tmp_path / "tb" / result["run"]).iterdir())
+
+
+def test_evaluate_checkpoint_reproduces_the_test_metrics(tiny):
+    result = train(overrides=tiny, quiet=True)
+    again = evaluate_checkpoint(result["checkpoint"], quiet=True)
+    assert again["model"] == "TiM4Rec" and again["dataset"] == "tiny"
+    for key, value in result["test_result"].items():
+        assert math.isclose(again["test_result"][key], value, abs_tol=1e-6), key
+
+
+def test_runs_started_together_never_share_a_checkpoint(tiny):
+    first = train(overrides=dict(tiny, epochs=1), quiet=True)
+    second = train(overrides=dict(tiny, epochs=1, seed=7), quiet=True)
+    assert first["checkpoint"] != second["checkpoint"]
+    a, b = (torch.load(r["checkpoint"], weights_only=True)["state_dict"] for r in (first, second))
+    assert not torch.equal(a["item_embedding.weight"], b["item_embedding.weight"])
+
+
+def test_resume_continues_from_the_saved_epoch(tiny):
+    first = train(overrides=dict(tiny, epochs=1, stopping_step=100), quiet=True)
+    saved = torch.load(first["checkpoint"], weights_only=True)
+    assert saved["epoch"] == 0 and saved["optimizer"]["state"]  # Adam moments travel along
+
+    resumed = train(overrides=dict(tiny, epochs=3, stopping_step=100,
+                                   checkpoint_path=first["checkpoint"]), quiet=True)
+    after = torch.load(resumed["checkpoint"], weights_only=True)
+    assert resumed["checkpoint"] == first["checkpoint"]
+    log = open(resumed["log"]).read()
+    assert "Resuming" in log and "from epoch 1" in log
+    assert "epoch 0 training" not in log and "epoch 2 training" in log
+    assert after["epoch"] >= 0 and after["best_valid_score"] >= saved["best_valid_score"]
+
+
+def test_resume_refuses_another_models_checkpoint(tiny):
+    first = train(overrides=dict(tiny, epochs=1), quiet=True)
+    with pytest.raises(UserError, match="holds a TiM4Rec model"):
+        train(model="GRU4Rec", overrides=dict(tiny, checkpoint_path=first["checkpoint"]), quiet=True)
+
+
+def test_authors_recbole_checkpoint_needs_explicit_opt_in(tiny, tmp_path):
+    """A RecBole-style checkpoint (pickled Config) loads only with allow_pickle."""
+    result = train(overrides=dict(tiny, epochs=1), quiet=True)
+    ours = torch.load(result["checkpoint"], weights_only=True)
+    config, _ = build_config("TiM4Rec", [], dict(tiny))
+    path = tmp_path / "TiM4Rec-Sep-19-2024_12-59-06.pth"
+    torch.save({"config": config, "epoch": 0, "cur_step": 0, "best_valid_score": 0.1,
+                "state_dict": ours["state_dict"], "other_parameter": None,
+                "optimizer": ours["optimizer"]}, path)
+    with pytest.raises(UserError, match="--allow-pickle"):
+        evaluate_checkpoint(path, quiet=True)
+    theirs = evaluate_checkpoint(path, allow_pickle=True, overrides={"data_path": tiny["data_path"]},
+                                 quiet=True)
+    for key, value in result["test_result"].items():
+        assert math.isclose(theirs["test_result"][key], value, abs_tol=1e-6), key
+
+
+def test_checkpoint_loader_rejects_other_files(tmp_path):
+    path = tmp_path / "weights.pth"
+    torch.save({"state_dict": {}}, path)
+    with pytest.raises(UserError, match="not a checkpoint of this project"):
+        checkpoint.load(path)
+    with pytest.raises(UserError, match="not found"):
+        checkpoint.load(tmp_path / "missing.pth")
+
+
+def test_every_shipped_config_builds(tiny):
+    """The five upstream configs and the default resolve, with the values of reference section 2."""
+    from pipeline.settings import CONFIG_DIR
+
+    expected = {  # file: (dataset, hidden, is_time, L, batch, lr, norm_eps)
+        "config4beauty_64d.yaml": ("amazon-beauty", 64, True, 50, 2048, 1e-3, 1e-5),
+        "config4kuai_64d.yaml": ("kuairand", 64, False, 50, 2048, 1e-3, 1e-10),
+        "config4movie_64d.yaml": ("ml-1m", 64, True, 200, 2048, 1e-3, 1e-12),
+        "config4movie_256d.yaml": ("ml-1m", 256, False, 200, 512, 1e-3, 1e-12),
+        "config4steam_64d.yaml": ("steam", 64, True, 50, 2048, 5e-4, 1e-10),
+        "config4ml100k_64d.yaml": ("ml-100k", 64, True, 50, 2048, 1e-3, 1e-12),
+    }
+    for name, (dataset, hidden, is_time, length, batch, lr, eps) in expected.items():
+        config, spec = build_config(None, [CONFIG_DIR / name], {"use_gpu": False})
+        got = (config["dataset"], config["hidden_size"], config["is_time"],
+               config["MAX_ITEM_LIST_LENGTH"], config["train_batch_size"], config["learning_rate"],
+               config["norm_eps"])
+        assert spec.name == "TiM4Rec" and got == (dataset, hidden, is_time, length, batch, lr, eps)
+        assert config["valid_metric"] == "NDCG@10"
+        assert config["train_neg_sample_args"]["distribution"] == "none"  # CE over all items

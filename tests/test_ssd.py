@@ -1,0 +1,182 @@
+"""The SSD scan and the gated RMSNorm: every fast path against its plain reference."""
+
+import pytest
+import torch
+
+import ssd
+
+F64 = torch.float64
+
+
+def random_inputs(batch, seqlen, nheads, headdim, ngroups, dstate, dtype=F64, device="cpu",
+                  D_shape="head", seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=F64) * scale).to(device=device, dtype=dtype)
+
+    inputs = dict(
+        x=rand(batch, seqlen, nheads, headdim),
+        dt=rand(batch, seqlen, nheads),
+        A=-torch.rand(nheads, generator=g, dtype=F64).mul(4).add(0.5).to(device=device, dtype=dtype),
+        B=rand(batch, seqlen, ngroups, dstate),
+        C=rand(batch, seqlen, ngroups, dstate),
+        D=rand(nheads) if D_shape == "head" else rand(nheads, headdim) if D_shape == "channel" else None,
+        z=rand(batch, seqlen, nheads, headdim),
+        dt_bias=rand(nheads, scale=0.5),
+    )
+    for key in ("x", "dt", "B", "C", "z", "dt_bias"):
+        inputs[key].requires_grad_(True)
+    return inputs
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def outputs_and_grads(fn, inputs, **kwargs):
+    y = fn(**inputs, **kwargs)
+    wanted = [k for k in ("x", "dt", "B", "C", "z", "dt_bias") if inputs[k].requires_grad]
+    weights = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=F64).to(y)
+    grads = torch.autograd.grad((y * weights).sum(), [inputs[k] for k in wanted])
+    return y, dict(zip(wanted, grads))
+
+
+@pytest.mark.parametrize("seqlen,chunk_size", [(1, 4), (7, 4), (37, 8), (50, 32), (64, 16), (50, 64)])
+@pytest.mark.parametrize("nheads,ngroups", [(4, 1), (4, 2), (3, 3)])
+def test_chunked_scan_equals_recurrence_float64(seqlen, chunk_size, nheads, ngroups):
+    inputs = random_inputs(2, seqlen, nheads, 5, ngroups, 6)
+    y_ref, g_ref = outputs_and_grads(ssd.ssd_recurrence, inputs, dt_softplus=True)
+    y, g = outputs_and_grads(ssd.chunk_scan_torch, inputs, chunk_size=chunk_size, dt_softplus=True)
+    assert rel_err(y, y_ref) < 1e-10
+    for name in g_ref:
+        assert rel_err(g[name], g_ref[name]) < 1e-10, name
+
+
+@pytest.mark.parametrize("D_shape", ["head", "channel", None])
+@pytest.mark.parametrize("softplus,dt_limit", [(True, (0.0, float("inf"))), (True, (0.05, 0.5)),
+                                               (False, (0.0, float("inf")))])
+def test_chunked_scan_options_equal_recurrence(D_shape, softplus, dt_limit):
+    inputs = random_inputs(3, 21, 2, 4, 1, 3, D_shape=D_shape, seed=3)
+    if not softplus:  # raw step sizes must be positive to be meaningful
+        inputs["dt"] = inputs["dt"].detach().abs().requires_grad_(True)
+    kwargs = dict(dt_softplus=softplus, dt_limit=dt_limit)
+    y_ref, g_ref = outputs_and_grads(ssd.ssd_recurrence, inputs, **kwargs)
+    y, g = outputs_and_grads(ssd.chunk_scan_torch, inputs, chunk_size=8, **kwargs)
+    assert rel_err(y, y_ref) < 1e-10
+    for name in g_ref:
+        assert rel_err(g[name], g_ref[name]) < 1e-10, name
+
+
+def test_recurrence_matches_hand_computed_single_step():
+    # One head, one channel, one state: y_1 = C_1 * (delta_1 x_1 B_1) + D x_1, delta = softplus(dt + bias).
+    x, dt, B, C = (torch.tensor(v, dtype=F64).reshape(1, 1, 1, 1) for v in (2.0, 0.3, 1.5, -0.5))
+    delta = torch.log1p(torch.exp(torch.tensor(0.3 + 0.2, dtype=F64)))
+    y = ssd.ssd_recurrence(x, dt[..., 0], torch.tensor([-1.0], dtype=F64), B, C,
+                           D=torch.tensor([0.7], dtype=F64), dt_bias=torch.tensor([0.2], dtype=F64),
+                           dt_softplus=True)
+    assert y.item() == pytest.approx((-0.5 * delta * 2.0 * 1.5 + 0.7 * 2.0).item(), rel=1e-14)
+
+
+def test_padding_never_changes_real_positions():
+    inputs = random_inputs(2, 13, 2, 3, 1, 4, seed=5)
+    full = ssd.chunk_scan_torch(**inputs, chunk_size=8, dt_softplus=True)
+    cut = {k: (v[:, :9] if v.dim() > 1 else v) for k, v in inputs.items()}
+    part = ssd.chunk_scan_torch(**cut, chunk_size=8, dt_softplus=True)
+    assert torch.allclose(full[:, :9], part, rtol=0, atol=1e-12)
+
+
+def test_float32_inputs_give_float32_output_close_to_float64():
+    inputs = random_inputs(2, 40, 4, 8, 1, 16, seed=7)
+    y64 = ssd.chunk_scan_torch(**inputs, chunk_size=16, dt_softplus=True)
+    y32 = ssd.chunk_scan_torch(**{k: v.detach().float() for k, v in inputs.items()},
+                               chunk_size=16, dt_softplus=True)
+    assert y32.dtype == torch.float32
+    assert rel_err(y32.double(), y64) < 1e-5
+
+
+def test_dispatch_torch_and_unknown_backend():
+    inputs = random_inputs(1, 9, 2, 2, 1, 2)
+    y = ssd.chunk_scan(**inputs, chunk_size=4, dt_softplus=True, backend="torch")
+    assert torch.equal(y, ssd.chunk_scan_torch(**inputs, chunk_size=4, dt_softplus=True))
+    assert torch.equal(ssd.chunk_scan(**inputs, chunk_size=4, dt_softplus=True), y)  # auto on CPU
+    with pytest.raises(ValueError, match="backend"):
+        ssd.chunk_scan(**inputs, chunk_size=4, backend="cuda")
+
+
+def test_resolve_backend_never_silent_on_cpu():
+    assert ssd.resolve_backend("auto", "cpu") == "torch"
+    assert ssd.resolve_backend("torch", "cpu") == "torch"
+    with pytest.raises(ValueError, match="triton cannot run"):
+        ssd.resolve_backend("triton", "cpu")
+    with pytest.raises(ValueError, match="ssd_backend"):
+        ssd.resolve_backend("fast", "cpu")
+
+
+@pytest.mark.parametrize("norm_before_gate", [False, True])
+def test_gated_rmsnorm_reference(norm_before_gate):
+    g = torch.Generator().manual_seed(0)
+    x, z = torch.randn(3, 5, 16, generator=g, dtype=F64), torch.randn(3, 5, 16, generator=g, dtype=F64)
+    w = torch.randn(16, generator=g, dtype=F64)
+    gate = z * torch.sigmoid(z)
+    v = x if norm_before_gate else x * gate
+    expected = v / torch.sqrt((v ** 2).sum(-1, keepdim=True) / 16 + 1e-6) * w
+    expected = expected * gate if norm_before_gate else expected
+    out = ssd.gated_rmsnorm_ref(x, z, w, 1e-6, norm_before_gate)
+    assert torch.allclose(out, expected, rtol=1e-13, atol=0)
+    module = ssd.GatedRMSNorm(16, eps=1e-6, norm_before_gate=norm_before_gate).double()
+    module.weight.data.copy_(w)
+    assert torch.allclose(module(x, z), expected, rtol=1e-13, atol=0)
+
+
+def test_causal_conv_sees_only_the_past():
+    conv = ssd.CausalConv1d(3, 4).double()
+    x = torch.randn(2, 3, 10, dtype=F64)
+    y = conv(x)
+    x2 = x.clone()
+    x2[..., 6:] = torch.randn(2, 3, 4, dtype=F64)
+    assert y.shape == x.shape
+    assert torch.equal(conv(x2)[..., :6], y[..., :6])
+    assert not torch.allclose(conv(x2)[..., 6:], y[..., 6:])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(head_dim=48), "head_dim"),
+    (dict(chunk_size=24), "power of two"),
+    (dict(conv_activation="gelu"), "conv_activation"),
+])
+def test_block_rejects_bad_shapes_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ssd.TimeAwareSSD(64, 50, **kwargs)
+
+
+# ---------------------------------------------------------------------------------- GPU (Triton)
+
+cuda = pytest.mark.skipif(
+    not torch.cuda.is_available() or ssd.triton_unavailable_reason() is not None,
+    reason="needs CUDA and mamba-ssm's Triton kernels")
+
+
+@cuda
+@pytest.mark.parametrize("seqlen,chunk_size,nheads,headdim,dstate", [
+    (50, 32, 4, 32, 32), (200, 32, 4, 32, 32), (200, 32, 4, 128, 64), (37, 16, 2, 16, 8)])
+def test_triton_scan_matches_torch_path_float32(seqlen, chunk_size, nheads, headdim, dstate):
+    inputs = random_inputs(8, seqlen, nheads, headdim, 1, dstate, dtype=torch.float32,
+                           device="cuda", seed=seqlen)
+    y_t, g_t = outputs_and_grads(ssd.chunk_scan, inputs, chunk_size=chunk_size, dt_softplus=True,
+                                 backend="triton")
+    inputs64 = {k: v.detach().double().requires_grad_(v.requires_grad) for k, v in inputs.items()}
+    y_r, g_r = outputs_and_grads(ssd.chunk_scan_torch, inputs64, chunk_size=chunk_size,
+                                 dt_softplus=True)
+    assert rel_err(y_t.double(), y_r) < 1e-3
+    for name in g_r:
+        assert rel_err(g_t[name].double(), g_r[name]) < 1e-3, name
+
+
+@cuda
+def test_triton_gated_rmsnorm_matches_reference():
+    x, z = torch.randn(2, 50, 128, device="cuda"), torch.randn(2, 50, 128, device="cuda")
+    module = ssd.GatedRMSNorm(128, eps=1e-12, backend="triton").cuda()
+    module.weight.data.normal_()
+    ref = ssd.gated_rmsnorm_ref(x.double(), z.double(), module.weight.double(), 1e-12)
+    assert rel_err(module(x, z).double(), ref) < 1e-5
