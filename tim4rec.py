@@ -15,6 +15,7 @@ import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 
+from pipeline.scoring import ItemScoring
 from ssd import TimeAwareSSD, resolve_backend
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class TiSSDLayer(nn.Module):
         return (self.ffn(h) if self.ffn is not None else h), tau
 
 
-class TiM4Rec(SequentialRecommender):
+class TiM4Rec(ItemScoring, SequentialRecommender):
     r"""TiM4Rec: stacked time-aware SSD layers over item embeddings; next-item scores by dot product.
 
     The time signal is the sequence of gaps between consecutive interaction times,
@@ -165,20 +166,9 @@ class TiM4Rec(SequentialRecommender):
         h = self.encode(item_seq, item_seq_len, timestamps)
         return self.gather_indexes(h, item_seq_len - 1)  # [B D], at the last real position
 
-    def _seq_output(self, interaction):
+    def sequence_output(self, interaction):
         timestamps = interaction[self.TIME_SEQ] if self.is_time else None
         return self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], timestamps)
-
-    def calculate_loss(self, interaction):
-        logits = self._seq_output(interaction) @ self.item_embedding.weight.T  # [B n_items]
-        return self.loss_fct(logits, interaction[self.POS_ITEM_ID])
-
-    def predict(self, interaction):
-        test_item_emb = self.item_embedding(interaction[self.ITEM_ID])  # [B D]
-        return (self._seq_output(interaction) * test_item_emb).sum(dim=-1)  # [B]
-
-    def full_sort_predict(self, interaction):
-        return self._seq_output(interaction) @ self.item_embedding.weight.T  # [B n_items]
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Load this project's or the authors' weights (same keys); see the class NOTE on is_time."""

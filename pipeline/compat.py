@@ -91,12 +91,11 @@ def apply() -> None:
     import recbole.config.configurator as rb_config
     import recbole.data.dataset.dataset as rb_dataset
     import recbole.data.utils as rb_data_utils
+    import recbole.model.sequential_recommender  # noqa: F401  (runs SINE's module once, here)
     import recbole.trainer.trainer as rb_trainer
     import recbole.utils as rb_utils
     import recbole.utils.logger as rb_logger
     import recbole.utils.utils as rb_utils_utils
-
-    import recbole.model.sequential_recommender  # noqa: F401  (runs SINE's module once, here)
     import torch
 
     torch.autograd.set_detect_anomaly(False)

@@ -48,6 +48,8 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.model.loss import BPRLoss
 from torch import nn
 
+from pipeline.scoring import ItemScoring
+
 
 def lru_parallel_scan(lam: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     """All states of ``h_t = lam * h_{t-1} + inputs_t`` (``h_{-1} = 0``) in ceil(log2 L) steps.
@@ -155,7 +157,7 @@ def to_left_padding(item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch
     return item_seq.gather(1, source)
 
 
-class LRURec(SequentialRecommender):
+class LRURec(ItemScoring, SequentialRecommender):
     r"""Linear recurrent units for sequential recommendation; see the module docstring."""
 
     def __init__(self, config, dataset):
@@ -222,26 +224,5 @@ class LRURec(SequentialRecommender):
     def forward(self, item_seq, item_seq_len):
         return self.encode(item_seq, item_seq_len)[:, -1]  # [B D]
 
-    def _sequence_output(self, interaction):
+    def sequence_output(self, interaction):
         return self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-
-    def _scores(self, seq_output: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        return (seq_output * self.item_embedding(items)).sum(-1) + self.item_bias[items]  # [B]
-
-    def calculate_loss(self, interaction):
-        seq_output = self._sequence_output(interaction)  # [B D]
-        pos_items = interaction[self.POS_ITEM_ID]
-        if self.loss_type == "BPR":
-            neg_items = interaction[self.NEG_ITEM_ID]
-            return self.loss_fct(
-                self._scores(seq_output, pos_items), self._scores(seq_output, neg_items)
-            )
-        logits = seq_output @ self.item_embedding.weight.t() + self.item_bias  # [B n_items]
-        return self.loss_fct(logits, pos_items)
-
-    def predict(self, interaction):
-        return self._scores(self._sequence_output(interaction), interaction[self.ITEM_ID])  # [B]
-
-    def full_sort_predict(self, interaction):
-        seq_output = self._sequence_output(interaction)  # [B D]
-        return seq_output @ self.item_embedding.weight.t() + self.item_bias  # [B n_items]

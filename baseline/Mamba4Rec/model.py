@@ -41,6 +41,8 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.model.loss import BPRLoss
 from torch import nn
 
+from pipeline.scoring import ItemScoring
+
 MAMBA_BACKENDS = ("auto", "cuda", "torch")
 
 logger = logging.getLogger()  # RecBole logs through the root logger
@@ -131,7 +133,7 @@ class MambaLayer(nn.Module):
         return self.ffn(hidden)
 
 
-class Mamba4Rec(SequentialRecommender):
+class Mamba4Rec(ItemScoring, SequentialRecommender):
     r"""Mamba-1 blocks with feed-forward layers (Liu et al., 2024); see the module docstring."""
 
     def __init__(self, config, dataset):
@@ -192,24 +194,5 @@ class Mamba4Rec(SequentialRecommender):
     def forward(self, item_seq, item_seq_len):
         return self.gather_indexes(self.encode(item_seq), item_seq_len - 1)  # [B D]
 
-    def _sequence_output(self, interaction):
+    def sequence_output(self, interaction):
         return self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-
-    def calculate_loss(self, interaction):
-        seq_output = self._sequence_output(interaction)  # [B D]
-        pos_items = interaction[self.POS_ITEM_ID]
-        if self.loss_type == "BPR":
-            neg_items = interaction[self.NEG_ITEM_ID]
-            pos_score = (seq_output * self.item_embedding(pos_items)).sum(-1)  # [B]
-            neg_score = (seq_output * self.item_embedding(neg_items)).sum(-1)  # [B]
-            return self.loss_fct(pos_score, neg_score)
-        logits = seq_output @ self.item_embedding.weight.t()  # [B n_items]
-        return self.loss_fct(logits, pos_items)
-
-    def predict(self, interaction):
-        seq_output = self._sequence_output(interaction)  # [B D]
-        return (seq_output * self.item_embedding(interaction[self.ITEM_ID])).sum(-1)  # [B]
-
-    def full_sort_predict(self, interaction):
-        seq_output = self._sequence_output(interaction)  # [B D]
-        return seq_output @ self.item_embedding.weight.t()  # [B n_items]

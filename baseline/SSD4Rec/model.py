@@ -50,6 +50,7 @@ import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 
+from pipeline.scoring import ItemScoring
 from ssd import CausalConv1d, GatedRMSNorm, chunk_scan, resolve_backend
 from tim4rec import TiSSDLayer
 
@@ -168,7 +169,7 @@ class BiSSDLayer(nn.Module):
         return self.ffn(self.layer_norm(self.dropout(mixed) + x))
 
 
-class SSD4Rec(SequentialRecommender):
+class SSD4Rec(ItemScoring, SequentialRecommender):
     r"""Bidirectional SSD (Mamba-2) recommender (Qu et al., 2024); see the module docstring."""
 
     def __init__(self, config, dataset):
@@ -254,16 +255,5 @@ class SSD4Rec(SequentialRecommender):
     def forward(self, item_seq, item_seq_len):
         return self.gather_indexes(self.encode(item_seq, item_seq_len), item_seq_len - 1)  # [B D]
 
-    def _sequence_output(self, interaction):
+    def sequence_output(self, interaction):
         return self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-
-    def calculate_loss(self, interaction):
-        logits = self._sequence_output(interaction) @ self.item_embedding.weight.t()  # [B n_items]
-        return self.loss_fct(logits, interaction[self.POS_ITEM_ID])
-
-    def predict(self, interaction):
-        test_item_emb = self.item_embedding(interaction[self.ITEM_ID])  # [B D]
-        return (self._sequence_output(interaction) * test_item_emb).sum(-1)  # [B]
-
-    def full_sort_predict(self, interaction):
-        return self._sequence_output(interaction) @ self.item_embedding.weight.t()  # [B n_items]

@@ -60,6 +60,8 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.model.loss import BPRLoss
 from torch import nn
 
+from pipeline.scoring import ItemScoring
+
 INTERVAL_MODES = ("personalized", "raw")
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
 
@@ -228,7 +230,7 @@ class TiSASRecLayer(nn.Module):
         return x + self.ffn(x)  # [B L D]
 
 
-class TiSASRec(SequentialRecommender):
+class TiSASRec(ItemScoring, SequentialRecommender):
     r"""Time-interval-aware self-attention (Li et al., WSDM 2020); see the module docstring."""
 
     def __init__(self, config, dataset):
@@ -353,27 +355,7 @@ class TiSASRec(SequentialRecommender):
         hidden = self.encode(item_seq, item_seq_len, timestamps)  # [B L D]
         return self.gather_indexes(hidden, item_seq_len - 1)  # [B D]
 
-    def _sequence_output(self, interaction):
+    def sequence_output(self, interaction):
         return self.forward(
             interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], interaction[self.TIME_SEQ]
         )
-
-    def calculate_loss(self, interaction):
-        seq_output = self._sequence_output(interaction)  # [B D]
-        pos_items = interaction[self.POS_ITEM_ID]
-        if self.loss_type == "BPR":
-            neg_items = interaction[self.NEG_ITEM_ID]
-            pos_score = (seq_output * self.item_embedding(pos_items)).sum(-1)  # [B]
-            neg_score = (seq_output * self.item_embedding(neg_items)).sum(-1)  # [B]
-            return self.loss_fct(pos_score, neg_score)
-        logits = seq_output @ self.item_embedding.weight.t()  # [B n_items]
-        return self.loss_fct(logits, pos_items)
-
-    def predict(self, interaction):
-        seq_output = self._sequence_output(interaction)  # [B D]
-        test_item_emb = self.item_embedding(interaction[self.ITEM_ID])  # [B D]
-        return (seq_output * test_item_emb).sum(-1)  # [B]
-
-    def full_sort_predict(self, interaction):
-        seq_output = self._sequence_output(interaction)  # [B D]
-        return seq_output @ self.item_embedding.weight.t()  # [B n_items]

@@ -1,0 +1,45 @@
+"""The scoring head that TiM4Rec and the sequential baselines share.
+
+A model encodes the input sequence into one vector per user, ``sequence_output(interaction)``
+[B D], and scores an item by the dot product with that item's embedding (the input embeddings,
+tied), plus a per-item bias where the model has one (``self.item_bias``, LRURec). From those two
+pieces this mixin gives RecBole's three entry points.
+"""
+
+from __future__ import annotations
+
+
+class ItemScoring:
+    """RecBole's ``calculate_loss``, ``predict`` and ``full_sort_predict`` from ``sequence_output``.
+
+    Mix in before ``SequentialRecommender``. The model sets ``item_embedding`` and ``loss_fct``:
+    cross-entropy over all items (``loss_type: CE``), or RecBole's BPRLoss against the sampled
+    negative item (``loss_type: BPR``).
+    """
+
+    def sequence_output(self, interaction):  # -> [B D]
+        raise NotImplementedError
+
+    def item_scores(self, seq_output, items=None):
+        """Scores [B] of ``items`` [B], or [B n_items] of every item when ``items`` is None."""
+        bias = getattr(self, "item_bias", None)
+        if items is None:
+            scores = seq_output @ self.item_embedding.weight.T  # [B n_items]
+            return scores if bias is None else scores + bias
+        scores = (seq_output * self.item_embedding(items)).sum(-1)  # [B]
+        return scores if bias is None else scores + bias[items]
+
+    def calculate_loss(self, interaction):
+        seq_output = self.sequence_output(interaction)
+        positives = interaction[self.POS_ITEM_ID]
+        if getattr(self, "loss_type", "CE") == "BPR":
+            negatives = interaction[self.NEG_ITEM_ID]
+            return self.loss_fct(self.item_scores(seq_output, positives),
+                                 self.item_scores(seq_output, negatives))
+        return self.loss_fct(self.item_scores(seq_output), positives)
+
+    def predict(self, interaction):
+        return self.item_scores(self.sequence_output(interaction), interaction[self.ITEM_ID])
+
+    def full_sort_predict(self, interaction):
+        return self.item_scores(self.sequence_output(interaction))
