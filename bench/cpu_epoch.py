@@ -1,0 +1,71 @@
+"""One training epoch of TiM4Rec and of RecBole's SASRec on the CPU, same data, batch and length.
+
+    python bench/cpu_epoch.py [--config=config/config4ml100k_64d.yaml] [--key=value ...]
+
+Both models train through this project's pipeline (config, data, trainer), so the only difference
+is the model: TiM4Rec with its default config, SASRec with baseline/SASRec/config.yaml. Each epoch
+is timed after one warm-up epoch; data loading is timed on its own. Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def epoch_seconds(model_name, config_files, overrides):
+    import torch
+
+    from pipeline.runlog import RunLog, new_run
+    from pipeline.settings import build_config
+    from pipeline.trainer import ProjectTrainer
+    from pipeline.workflow import _build_model, _load_data, _seed_and_precision
+
+    config, spec = build_config(model_name, config_files,
+                                {**overrides, "use_gpu": False, "show_progress": False})
+    log = RunLog("ERROR", quiet=True)
+    try:
+        _seed_and_precision(config)
+        start = time.perf_counter()
+        train_data, _, _ = _load_data(config)
+        load_s = time.perf_counter() - start
+        model = _build_model(spec, config, train_data.dataset)
+        run = new_run(spec.name, config["dataset"], "/tmp/cpu_epoch/saved", "/tmp/cpu_epoch/log",
+                      "/tmp/cpu_epoch/tb")
+        trainer = ProjectTrainer(config, model, run)
+        trainer._train_epoch(train_data, 0)  # warm-up
+        start = time.perf_counter()
+        trainer._train_epoch(train_data, 1)
+        epoch_s = time.perf_counter() - start
+        return {"model": spec.name, "batches": len(train_data), "batch": config["train_batch_size"],
+                "length": config["MAX_ITEM_LIST_LENGTH"], "epoch_s": epoch_s, "load_s": load_s,
+                "threads": torch.get_num_threads()}
+    finally:
+        log.close()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", action="append", default=[], type=Path)
+    args, rest = parser.parse_known_args()
+    overrides = dict(arg[2:].split("=", 1) for arg in rest)
+    import torch
+
+    rows = [epoch_seconds(name, args.config, overrides) for name in ("SASRec", "TiM4Rec")]
+    print(f"CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{rows[0]['threads']} threads")
+    print("| model | batches x (batch, L) | epoch s | / SASRec | data loading s |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['batches']} x ({r['batch']}, {r['length']}) | {r['epoch_s']:.1f} | "
+              f"{r['epoch_s'] / rows[0]['epoch_s']:.2f} | {r['load_s']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
