@@ -100,3 +100,21 @@ def test_scripts_report_errors_without_traceback(tiny_data_path, outputs):
                               text=True, cwd=ROOT / "baseline", timeout=300)
         assert proc.returncode == 2
         assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: "), proc.stderr
+
+
+BASELINES = ["SASRec", "BERT4Rec", "GRU4Rec", "Caser", "TiSASRec", "LRURec", "Mamba4Rec", "SSD4Rec"]
+
+
+@pytest.mark.parametrize("model", BASELINES)
+def test_every_baseline_trains_an_epoch_from_the_root(model, tiny_data_path, outputs):
+    train_main(cli_args(tiny_data_path, outputs, f"--model={model}", "--epochs=1"))
+    (ckpt,) = (outputs / "saved").glob(f"{model}-tiny-*.pth")
+    assert (outputs / "log" / model / f"{ckpt.stem}.log").is_file()
+
+
+def test_a_baseline_trains_from_its_folder(tiny_data_path, outputs):
+    proc = subprocess.run([sys.executable, "run.py", *cli_args(tiny_data_path, outputs, "--epochs=1")],
+                          capture_output=True, text=True, cwd=ROOT / "baseline" / "GRU4Rec",
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(list((outputs / "saved").glob("GRU4Rec-tiny-*.pth"))) == 1
