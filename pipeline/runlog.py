@@ -76,9 +76,12 @@ class RunLog:
         return handler
 
     def commit(self, log_file: Path) -> None:
+        from recbole.utils.logger import RemoveColorFilter  # RecBole colours its messages
+
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(log_file, encoding="utf-8")
         handler.setFormatter(logging.Formatter(FILE_FORMAT, "%a %d %b %Y %H:%M:%S"))
+        handler.addFilter(RemoveColorFilter())
         for record in self.buffer.records:
             handler.handle(record)
         self.root.removeHandler(self.buffer)

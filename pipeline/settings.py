@@ -3,12 +3,15 @@
 Priority, lowest first (a later source overrides an earlier one):
 
 1. RecBole's own defaults, then ``config/overall.yaml`` (the evaluation protocol of the paper);
-2. the model's defaults (``config/model/TiM4Rec.yaml``);
+2. the model's defaults (``config/model/TiM4Rec.yaml``); the model is ``--model``, else a ``model``
+   key of the ``--config`` files, else TiM4Rec;
 3. the ``--config`` files in the order given; when none of them names a ``dataset``, the default
    ``config/config4ml100k_64d.yaml`` comes first;
 4. a baseline's settings (``baseline/<Name>/config.yaml``): its hyperparameters win over the
    TiM4Rec hyperparameters that the dataset configs carry;
-5. ``--key=value`` overrides.
+5. ``--config`` files that name the ``model``: they are written for it, so they win over its
+   settings;
+6. ``--key=value`` overrides.
 
 Relative ``data_path``, ``checkpoint_dir``, ``log_dir`` and ``tensorboard_dir`` are resolved against the
 repository root, so ``cd baseline/X && python run.py`` finds the same data and writes to the same
@@ -70,18 +73,20 @@ def _argv_hidden():
         sys.argv = saved
 
 
-def config_files_for(spec: ModelSpec, user_files: list[Path], overrides: dict) -> list[Path]:
-    """The YAML files of a run, lowest priority first (see the module docstring)."""
-    user_files = [Path(f).resolve() for f in user_files]
-    names_dataset = "dataset" in overrides or any("dataset" in read_yaml(f) for f in user_files)
+def config_files_for(spec: ModelSpec, user_files: dict[Path, dict], names_dataset: bool) -> list[Path]:
+    """The YAML files of a run, lowest priority first (see the module docstring).
+
+    ``user_files`` maps each ``--config`` file, in order, to its contents.
+    """
     files = [OVERALL]
     if spec.defaults is not None:
         files.append(spec.defaults)
     if not names_dataset:
         files.append(DEFAULT_DATASET_CONFIG)
-    files += [f for f in user_files if f != spec.settings]
+    files += [f for f, data in user_files.items() if "model" not in data and f != spec.settings]
     if spec.settings is not None:
         files.append(spec.settings)
+    files += [f for f, data in user_files.items() if "model" in data and f != spec.settings]
     return files
 
 
@@ -95,10 +100,11 @@ def build_config(model: str | None, config_files: list[Path], overrides: dict):
     compat.apply()
     from recbole.config import Config
 
-    spec = find_model(model or overrides.get("model") or DEFAULT_MODEL)
-    files = config_files_for(spec, config_files, overrides)
-    for f in files:
-        read_yaml(f)  # one clear line for a missing or malformed file, before RecBole reads it
+    # Read first: one clear line for a missing or malformed file, before RecBole reads it.
+    user_files = {Path(f).resolve(): read_yaml(Path(f)) for f in config_files}
+    from_files = {k: v for data in user_files.values() for k, v in data.items()}
+    spec = find_model(model or overrides.get("model") or from_files.get("model") or DEFAULT_MODEL)
+    files = config_files_for(spec, user_files, "dataset" in overrides or "dataset" in from_files)
     overrides = {k: v for k, v in overrides.items() if k != "model"}
     with _argv_hidden():
         try:

@@ -36,6 +36,7 @@ def test_train_writes_checkpoint_log_and_tensorboard(tiny, tmp_path):
     for needed in ("torch:", "recbole:", "mamba-ssm:", "device: cpu", "SSD backend: torch",
                    "hidden_size"):
         assert needed in log, needed
+    assert "\x1b[" not in log  # RecBole's colours stay on the console
     assert any((tmp_path / "tb" / result["run"]).iterdir())
 
 
@@ -122,3 +123,17 @@ def test_every_shipped_config_builds(tiny):
         assert spec.name == "TiM4Rec" and got == (dataset, hidden, is_time, length, batch, lr, eps)
         assert config["valid_metric"] == "NDCG@10"
         assert config["train_neg_sample_args"]["distribution"] == "none"  # CE over all items
+
+
+def test_a_config_file_can_name_the_model(tmp_path):
+    from pipeline.settings import CONFIG_DIR
+
+    config_file = tmp_path / "gru.yaml"
+    config_file.write_text("model: GRU4Rec\nhidden_size: 32\n")
+    files = [CONFIG_DIR / "config4ml100k_64d.yaml", config_file]  # dataset config: dropout_prob 0.2
+    config, spec = build_config(None, files, {"use_gpu": False})
+    assert spec.name == "GRU4Rec" and config["model"] == "GRU4Rec"
+    assert config["hidden_size"] == 32  # a file naming the model wins over its settings (128)...
+    assert config["dropout_prob"] == 0.4  # ...which win over the dataset config's TiM4Rec values
+    config, spec = build_config("SASRec", files, {"use_gpu": False})  # --model wins
+    assert spec.name == "SASRec"
