@@ -1,6 +1,7 @@
 """The training pipeline end to end on a tiny dataset: train, checkpoints, resume, evaluate."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -65,7 +66,7 @@ def test_resume_continues_from_the_saved_epoch(tiny):
                                    checkpoint_path=first["checkpoint"]), quiet=True)
     after = torch.load(resumed["checkpoint"], weights_only=True)
     assert resumed["checkpoint"] == first["checkpoint"]
-    log = open(resumed["log"]).read()
+    log = Path(resumed["log"]).read_text()
     assert "Resuming" in log and "from epoch 1" in log
     assert "epoch 0 training" not in log and "epoch 2 training" in log
     assert after["epoch"] >= 0 and after["best_valid_score"] >= saved["best_valid_score"]
