@@ -1,8 +1,8 @@
 """Per-run names, the log file, and the environment report.
 
 Each run gets one name, ``<model>-<dataset>-<YYYYmmdd-HHMMSS>-<4 hex>``, shared by its checkpoint
-(``saved/<name>.pth``), its log (``log/<model>/<name>.log``) and its TensorBoard folder
-(``log_tensorboard/<name>``). RecBole names checkpoints by the second alone, so two runs started in the
+(``saved/<name>.pth``), its log (``log/<model>/<name>.log``) and results (``log/<model>/<name>.json``),
+and its TensorBoard folder (``log_tensorboard/<name>``). RecBole names checkpoints by the second alone, so two runs started in the
 same second overwrite each other and the second one then tests the first one's weights; the random
 suffix, checked against existing files, rules that out.
 
@@ -31,6 +31,11 @@ class RunPaths:
     checkpoint: Path
     log_file: Path
     tensorboard_dir: Path
+
+    @property
+    def results(self) -> Path:
+        """The run's results as JSON, beside its log (read by report.py)."""
+        return self.log_file.with_suffix(".json")
 
 
 def new_run(model: str, dataset: str, checkpoint_dir, log_dir, tensorboard_dir) -> RunPaths:

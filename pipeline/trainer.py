@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 
 import torch
 from recbole.trainer import Trainer
@@ -59,7 +60,9 @@ class ProjectTrainer(Trainer):
     - checkpoints in the plain format of :mod:`pipeline.checkpoint`, named per run;
     - TensorBoard under the run's folder;
     - the training loss summed on the device and read once per epoch (no ``.item()`` per step, so
-      the GPU never waits for the host), with the NaN check done on that sum.
+      the GPU never waits for the host), with the NaN check done on that sum;
+    - ``history``: loss, training time and validation result of every epoch, and ``best_epoch``,
+      for the run's results file (:func:`pipeline.workflow.train`).
     """
 
     def __init__(self, config, model, run: RunPaths | None):
@@ -69,8 +72,11 @@ class ProjectTrainer(Trainer):
         self.run = run
         self.saved_model_file = str(run.checkpoint) if run is not None else None
         self._last_valid_result = None
+        self.history: list[dict] = []
+        self.best_epoch = None
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        start = time.perf_counter()
         self.model.train()
         loss_func = loss_func or self.model.calculate_loss
         total = torch.zeros((), device=self.device)
@@ -92,13 +98,17 @@ class ProjectTrainer(Trainer):
             scaler.step(self.optimizer)
             scaler.update()
             total += loss.detach()
-        total = total.item()
+        total = total.item()  # waits for the device: the epoch's time is complete after it
         if math.isnan(total):
             raise UserError(f"training diverged: the loss of epoch {epoch_idx} is NaN")
+        self.history.append({"epoch": epoch_idx, "train_loss": total,
+                             "train_s": time.perf_counter() - start})
         return total
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
         path = kwargs.pop("saved_model_file", self.saved_model_file)
+        if epoch >= 0:
+            self.best_epoch = epoch
         checkpoint.save(path, {
             "model": self.config["model"],
             "config": plain_config(self.config),
@@ -130,6 +140,9 @@ class ProjectTrainer(Trainer):
     def _valid_epoch(self, valid_data, show_progress=False):
         # fit() saves a new best checkpoint before it records the new best result: keep it here.
         score, self._last_valid_result = super()._valid_epoch(valid_data, show_progress)
+        if self.history:
+            self.history[-1].update(valid_score=float(score),
+                                    valid_result=_floats(self._last_valid_result))
         return score, self._last_valid_result
 
     @torch.no_grad()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -74,7 +75,9 @@ def train(model: str | None = None, config_files=(), overrides: dict | None = No
           quiet: bool = False) -> dict:
     """Train, keep the best checkpoint by the validation metric, and test it.
 
-    Returns the run's name, checkpoint path, log path, best validation and test results.
+    Returns (and writes beside the log, as ``<run>.json``) the run's name, model, dataset, seed,
+    parameter count, checkpoint and log paths, best epoch, best validation and test results, and
+    each epoch's loss, training time and validation result.
     """
     from pipeline.trainer import ProjectTrainer
 
@@ -104,14 +107,23 @@ def train(model: str | None = None, config_files=(), overrides: dict | None = No
         logger.info("best valid: %s", trainer.best_valid_result)
         logger.info("test result:\n%s", format_metrics(test_result))
         logger.info("checkpoint: %s", trainer.saved_model_file)
-        return {
+        result = {
             "run": run.name,
+            "model": spec.name,
+            "dataset": config["dataset"],
+            "seed": config["seed"],
+            "valid_metric": config["valid_metric"],
+            "parameters": sum(p.numel() for p in model_.parameters() if p.requires_grad),
             "checkpoint": trainer.saved_model_file,
             "log": str(run.log_file),
+            "best_epoch": trainer.best_epoch,
             "best_valid_score": float(trainer.best_valid_score),
             "best_valid_result": trainer.best_valid_result,
             "test_result": test_result,
+            "epochs": trainer.history,
         }
+        run.results.write_text(json.dumps(result, indent=1))  # what report.py reads
+        return result
     except BaseException as error:
         log.record_failure(error)
         raise

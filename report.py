@@ -1,0 +1,130 @@
+"""Compare finished runs: a Markdown table of test metrics per dataset and model, and PNG plots.
+
+    python report.py [--runs log/] [--plots log/report/] [--dataset NAME] [--model NAME ...]
+
+Every training run writes its results beside its log (``log/<model>/<run>.json``). This reads them
+all, groups runs of one model on one dataset (several seeds show as mean ± standard deviation),
+prints one table per dataset (test Hit/NDCG/MRR at each cut-off, best epoch, training seconds per
+epoch, parameters), and draws per dataset the validation metric of every run by epoch and the
+training time per epoch of every model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from pipeline import ROOT
+from pipeline.errors import UserError
+
+
+def load_runs(folder: Path) -> list[dict]:
+    runs = []
+    for path in sorted(folder.rglob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict) and {"run", "model", "dataset", "test_result"} <= data.keys():
+            runs.append(data)
+    return runs
+
+
+def mean_std(values: list[float], digits: int = 4) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def seconds_per_epoch(run: dict) -> float | None:
+    times = [e["train_s"] for e in run.get("epochs", [])]
+    return statistics.median(times) if times else None
+
+
+def tables(runs: list[dict]) -> str:
+    """One Markdown table per dataset, one row per model, columns in the runs' metric order."""
+    by_dataset = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        by_dataset[run["dataset"]][run["model"]].append(run)
+    out = []
+    for dataset, models in sorted(by_dataset.items()):
+        metrics = list(next(iter(models.values()))[0]["test_result"])
+        out += [f"### {dataset}", "",
+                "| model | seeds | " + " | ".join(metrics) + " | best epoch | s / epoch | parameters |",
+                "|" + "---|" * (len(metrics) + 5)]
+        for model, group in sorted(models.items()):
+            cells = [mean_std([r["test_result"][m] for r in group]) for m in metrics]
+            epochs = [r["best_epoch"] for r in group if r.get("best_epoch") is not None]
+            times = [t for t in map(seconds_per_epoch, group) if t is not None]
+            out.append(
+                f"| {model} | {', '.join(str(r['seed']) for r in group)} | " + " | ".join(cells)
+                + f" | {mean_std(epochs, 1) if epochs else '-'} | {mean_std(times, 2) if times else '-'}"
+                + f" | {group[0].get('parameters', '-'):,} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(runs: list[dict], folder: Path) -> list[Path]:
+    """Per dataset: validation metric by epoch (a line per run), training time per epoch (a bar per model)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for dataset in sorted({r["dataset"] for r in runs}):
+        group = [r for r in runs if r["dataset"] == dataset]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for run in group:
+            points = [(e["epoch"], e["valid_score"]) for e in run.get("epochs", []) if "valid_score" in e]
+            if points:
+                ax.plot(*zip(*points), label=f"{run['model']} (seed {run['seed']})")
+        ax.set(xlabel="epoch", ylabel=f"validation {group[0].get('valid_metric', 'score')}",
+               title=dataset)
+        ax.legend(fontsize="small")
+        written.append(folder / f"{dataset}-validation.png")
+        fig.savefig(written[-1], dpi=120, bbox_inches="tight")
+        plt.close(fig)
+
+        per_model = defaultdict(list)
+        for run in group:
+            if seconds_per_epoch(run) is not None:
+                per_model[run["model"]].append(seconds_per_epoch(run))
+        fig, ax = plt.subplots(figsize=(7, 4))
+        names = sorted(per_model)
+        ax.bar(names, [statistics.mean(per_model[n]) for n in names])
+        ax.set(ylabel="training seconds per epoch (median over epochs)", title=dataset)
+        written.append(folder / f"{dataset}-epoch-time.png")
+        fig.savefig(written[-1], dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    return written
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=Path, default=ROOT / "log", help="folder searched for results")
+    parser.add_argument("--plots", type=Path, default=ROOT / "log" / "report", help="where PNGs go")
+    parser.add_argument("--dataset", default=None, help="only this dataset")
+    parser.add_argument("--model", action="append", default=None, help="only these models")
+    args = parser.parse_args(argv)
+    try:
+        runs = [r for r in load_runs(args.runs)
+                if (args.dataset is None or r["dataset"] == args.dataset)
+                and (args.model is None or r["model"] in args.model)]
+        if not runs:
+            raise UserError(f"no finished runs (results *.json) under {args.runs}")
+        print(tables(runs))
+        for path in plot(runs, args.plots):
+            print(f"plot: {path}")
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
