@@ -104,7 +104,8 @@ def train(model: str | None = None, config_files=(), overrides: dict | None = No
         test_result = trainer.evaluate(test_data, load_best_model=True,
                                        show_progress=config["show_progress"])
         test_result = {k: float(v) for k, v in test_result.items()}
-        logger.info("best valid: %s", trainer.best_valid_result)
+        best_valid = {k: float(v) for k, v in (trainer.best_valid_result or {}).items()} or None
+        logger.info("best valid: %s", best_valid)
         logger.info("test result:\n%s", format_metrics(test_result))
         logger.info("checkpoint: %s", trainer.saved_model_file)
         result = {
@@ -118,7 +119,7 @@ def train(model: str | None = None, config_files=(), overrides: dict | None = No
             "log": str(run.log_file),
             "best_epoch": trainer.best_epoch,
             "best_valid_score": float(trainer.best_valid_score),
-            "best_valid_result": trainer.best_valid_result,
+            "best_valid_result": best_valid,
             "test_result": test_result,
             "epochs": trainer.history,
         }
