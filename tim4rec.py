@@ -81,8 +81,8 @@ class TiM4Rec(ItemScoring, SequentialRecommender):
           Mamba-2's SiLU).
         - The loss is cross-entropy over all items; ``loss_type`` other than CE is refused rather than
           silently ignored as upstream does.
-        - Timestamps are read as RecBole stores them (float32), like upstream; raw Unix seconds lose
-          up to about 32 s of precision there.
+        - Timestamps are read as RecBole stores them (float32), like upstream: present-day Unix
+          seconds are rounded to steps of 64 s (before 2004) or 128 s (after).
         - Without is_time the time-branch modules are not built; their weights in an upstream
           checkpoint, if present, are unused and skipped on load.
     """
