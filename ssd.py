@@ -325,13 +325,16 @@ class TimeAwareSSD(nn.Module):
     NOTE: the convolution on x, B, C is followed by Hardswish, as in the authors' code for every
     shipped configuration (their code uses SiLU only when causal-conv1d is installed and the head count
     is a multiple of 8). Set ``conv_activation="silu"`` for Mamba-2's usual activation.
+
+    With ``is_time=False, conv_activation="silu", bias=False`` this is mamba-ssm's ``Mamba2`` mixer
+    with its defaults (one B/C group, projections without bias), as SSD4Rec uses it.
     """
 
     def __init__(self, d_model: int, max_seq_length: int, d_state: int = 32, d_conv: int = 4,
                  expand: int = 2, head_dim: int = 32, chunk_size: int = 32, norm_eps: float = 1e-5,
                  is_time: bool = True, p2p_residual: bool = False, time_drop_out: float = 0.0,
-                 conv_activation: str = "hardswish", dt_min: float = 0.001, dt_max: float = 0.1,
-                 dt_init_floor: float = 1e-4, A_init_range: tuple = (1, 16),
+                 conv_activation: str = "hardswish", bias: bool = True, dt_min: float = 0.001,
+                 dt_max: float = 0.1, dt_init_floor: float = 1e-4, A_init_range: tuple = (1, 16),
                  dt_limit: tuple = (0.0, float("inf")), backend: str = "auto"):
         super().__init__()
         d_inner = expand * d_model
@@ -350,7 +353,7 @@ class TimeAwareSSD(nn.Module):
         self.activation = nn.Hardswish() if conv_activation == "hardswish" else nn.SiLU()
 
         # z [E], xBC [E + 2N], dt [H]
-        self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * d_state + self.nheads)
+        self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * d_state + self.nheads, bias=bias)
         self.conv1d = CausalConv1d(d_inner + 2 * d_state, d_conv)
 
         if is_time:
@@ -373,7 +376,7 @@ class TimeAwareSSD(nn.Module):
             p._no_weight_decay = True
 
         self.norm = GatedRMSNorm(d_inner, eps=norm_eps, norm_before_gate=False, backend=backend)
-        self.out_proj = nn.Linear(d_inner, d_model)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
 
     def time_step_gate(self, tau):
         """``g = Hardswish(conv2(Hardswish(conv1(tau * MLP(tau)))))`` [B H L]: the per-step dt factor."""

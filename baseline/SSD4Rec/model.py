@@ -44,14 +44,13 @@ NOTE:
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 
 from pipeline.scoring import ItemScoring
-from ssd import CausalConv1d, GatedRMSNorm, chunk_scan, resolve_backend
+from ssd import TimeAwareSSD, resolve_backend
 from tim4rec import TiSSDLayer
 
 logger = logging.getLogger()  # RecBole logs through the root logger
@@ -70,70 +69,23 @@ def reverse_within_length(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tenso
     return x.gather(1, index)
 
 
-class Mamba2Mixer(nn.Module):
+class Mamba2Mixer(TimeAwareSSD):
     """Mamba-2's SSD block, [B L D] -> [B L D], with mamba-ssm ``Mamba2``'s defaults and names.
 
-    ``in_proj`` splits into z [E], xBC [E + 2N], dt [H]; xBC takes a causal depthwise convolution
-    and SiLU; the SSD scan runs per head with ``A = -exp(A_log)``, step ``softplus(dt + dt_bias)``
-    and skip ``D``; then ``out_proj(RMSNorm(y * silu(z)))``.
+    :class:`ssd.TimeAwareSSD` without time, with SiLU after the convolution, projections without
+    bias and the gated RMSNorm's eps 1e-5: ``in_proj`` splits into z, xBC, dt; xBC takes a causal
+    depthwise convolution and SiLU; the SSD scan runs per head with ``A = -exp(A_log)``, step
+    ``softplus(dt + dt_bias)`` and skip ``D``; then ``out_proj(RMSNorm(y * silu(z)))``.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        d_state: int,
-        d_conv: int,
-        expand: int,
-        head_dim: int,
-        chunk_size: int,
-        backend: str,
-        dt_min: float = 0.001,
-        dt_max: float = 0.1,
-        dt_init_floor: float = 1e-4,
-        A_init_range: tuple = (1, 16),
-    ):
-        super().__init__()
-        d_inner = expand * d_model
-        if d_inner % head_dim:
-            raise ValueError(f"head_dim ({head_dim}) must divide expand * hidden_size ({d_inner})")
-        self.d_inner, self.d_state, self.head_dim = d_inner, d_state, head_dim
-        self.nheads = d_inner // head_dim
-        self.chunk_size, self.backend = chunk_size, backend
+    def __init__(self, d_model: int, d_state: int, d_conv: int, expand: int, head_dim: int,
+                 chunk_size: int, backend: str):
+        super().__init__(d_model, max_seq_length=0, d_state=d_state, d_conv=d_conv, expand=expand,
+                         head_dim=head_dim, chunk_size=chunk_size, norm_eps=1e-5, is_time=False,
+                         conv_activation="silu", bias=False, backend=backend)
 
-        self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * d_state + self.nheads, bias=False)
-        self.conv1d = CausalConv1d(d_inner + 2 * d_state, d_conv)
-        self.activation = nn.SiLU()
-        # Step sizes log-uniform in [dt_min, dt_max]; dt_bias is their inverse softplus.
-        dt = torch.exp(
-            torch.rand(self.nheads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
-        ).clamp(min=dt_init_floor)
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
-        self.A_log = nn.Parameter(torch.log(torch.empty(self.nheads).uniform_(*A_init_range)))
-        self.D = nn.Parameter(torch.ones(self.nheads))
-        for param in (self.dt_bias, self.A_log, self.D):
-            param._no_weight_decay = True
-        self.norm = GatedRMSNorm(d_inner, eps=1e-5, norm_before_gate=False, backend=backend)
-        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
-
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
-        batch, length, _ = u.shape
-        E, N, H, P = self.d_inner, self.d_state, self.nheads, self.head_dim
-        z, xBC, dt = torch.split(self.in_proj(u), [E, E + 2 * N, H], dim=-1)
-        xBC = self.activation(self.conv1d(xBC.transpose(1, 2)).transpose(1, 2))  # [B L E+2N]
-        x, B, C = torch.split(xBC, [E, N, N], dim=-1)
-        y = chunk_scan(
-            x.reshape(batch, length, H, P),
-            dt,
-            -torch.exp(self.A_log),
-            B.unsqueeze(2),
-            C.unsqueeze(2),
-            self.chunk_size,
-            D=self.D,
-            dt_bias=self.dt_bias,
-            dt_softplus=True,
-            backend=self.backend,
-        ).reshape(batch, length, E)  # [B L E]
-        return self.out_proj(self.norm(y, z))  # [B L D]
+    def forward(self, u: torch.Tensor) -> torch.Tensor:  # [B L D] -> [B L D]
+        return super().forward(u)[0]
 
 
 class FeedForward(nn.Module):
