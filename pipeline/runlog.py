@@ -1,10 +1,10 @@
 """Per-run names, the log file, and the environment report.
 
 Each run gets one name, ``<model>-<dataset>-<YYYYmmdd-HHMMSS>-<4 hex>``, shared by its checkpoint
-(``saved/<name>.pth``), its log (``log/<model>/<name>.log``) and results (``log/<model>/<name>.json``),
-and its TensorBoard folder (``log_tensorboard/<name>``). RecBole names checkpoints by the second alone, so two runs started in the
-same second overwrite each other and the second one then tests the first one's weights; the random
-suffix, checked against existing files, rules that out.
+(``saved/<name>.pth``), its log and results (``log/<model>/<name>.log`` and ``.json``) and its
+TensorBoard folder (``log_tensorboard/<name>``). RecBole names checkpoints by the second alone, so
+two runs started in the same second overwrite each other and the second one then tests the first
+one's weights; the random suffix, checked against existing files, rules that out.
 
 Until :meth:`RunLog.commit` the log is held in memory, so a run that fails validation (a bad
 hyperparameter, a missing dataset) leaves no file behind.

@@ -73,7 +73,8 @@ def _argv_hidden():
         sys.argv = saved
 
 
-def config_files_for(spec: ModelSpec, user_files: dict[Path, dict], names_dataset: bool) -> list[Path]:
+def config_files_for(spec: ModelSpec, user_files: dict[Path, dict],
+                     names_dataset: bool) -> list[Path]:
     """The YAML files of a run, lowest priority first (see the module docstring).
 
     ``user_files`` maps each ``--config`` file, in order, to its contents.

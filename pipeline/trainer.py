@@ -115,7 +115,7 @@ class ProjectTrainer(Trainer):
             "epoch": epoch,
             "cur_step": self.cur_step,
             "best_valid_score": float(self.best_valid_score),
-            "best_valid_result": _floats(self._last_valid_result or self.best_valid_result),
+            "best_valid_result": as_floats(self._last_valid_result or self.best_valid_result),
             "state_dict": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "versions": {k: v for k, v in environment(self.device).items() if k != "device"},
@@ -142,7 +142,7 @@ class ProjectTrainer(Trainer):
         score, self._last_valid_result = super()._valid_epoch(valid_data, show_progress)
         if self.history:
             self.history[-1].update(valid_score=float(score),
-                                    valid_result=_floats(self._last_valid_result))
+                                    valid_result=as_floats(self._last_valid_result))
         return score, self._last_valid_result
 
     @torch.no_grad()
@@ -155,5 +155,6 @@ class ProjectTrainer(Trainer):
         return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
 
 
-def _floats(result):
+def as_floats(result):
+    """A metrics dict with plain Python floats (RecBole hands out numpy scalars), or None."""
     return None if result is None else {k: float(v) for k, v in result.items()}

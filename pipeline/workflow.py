@@ -79,7 +79,7 @@ def train(model: str | None = None, config_files=(), overrides: dict | None = No
     parameter count, checkpoint and log paths, best epoch, best validation and test results, and
     each epoch's loss, training time and validation result.
     """
-    from pipeline.trainer import ProjectTrainer
+    from pipeline.trainer import ProjectTrainer, as_floats
 
     config, spec = build_config(model, list(config_files), dict(overrides or {}))
     log = RunLog(config["state"], quiet=quiet)
@@ -103,8 +103,8 @@ def train(model: str | None = None, config_files=(), overrides: dict | None = No
                         f"of {config['epochs']}")
         test_result = trainer.evaluate(test_data, load_best_model=True,
                                        show_progress=config["show_progress"])
-        test_result = {k: float(v) for k, v in test_result.items()}
-        best_valid = {k: float(v) for k, v in (trainer.best_valid_result or {}).items()} or None
+        test_result = as_floats(test_result)
+        best_valid = as_floats(trainer.best_valid_result)
         logger.info("best valid: %s", best_valid)
         logger.info("test result:\n%s", format_metrics(test_result))
         logger.info("checkpoint: %s", trainer.saved_model_file)
@@ -148,7 +148,7 @@ def evaluate_checkpoint(path, overrides: dict | None = None, allow_pickle: bool 
 
     ``overrides`` change settings of the saved run (e.g. ``eval_batch_size``, ``device``).
     """
-    from pipeline.trainer import ProjectTrainer, load_weights
+    from pipeline.trainer import ProjectTrainer, as_floats, load_weights
 
     data = read_checkpoint(path, allow_pickle)
     saved = {k: v for k, v in data["config"].items() if k != "checkpoint_path"}
@@ -166,7 +166,6 @@ def evaluate_checkpoint(path, overrides: dict | None = None, allow_pickle: bool 
         valid = trainer.evaluate(valid_data, load_best_model=False, show_progress=show)
         test = trainer.evaluate(test_data, load_best_model=False, show_progress=show)
         return {"model": spec.name, "dataset": config["dataset"], "epoch": data.get("epoch"),
-                "valid_result": {k: float(v) for k, v in valid.items()},
-                "test_result": {k: float(v) for k, v in test.items()}}
+                "valid_result": as_floats(valid), "test_result": as_floats(test)}
     finally:
         log.close()
