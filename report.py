@@ -57,6 +57,7 @@ def tables(runs: list[dict]) -> str:
                 "| model | seeds | " + " | ".join(metrics) + " | best epoch | s / epoch | parameters |",
                 "|" + "---|" * (len(metrics) + 5)]
         for model, group in sorted(models.items()):
+            group = sorted(group, key=lambda r: (str(r["seed"]), r["run"]))
             cells = [mean_std([r["test_result"][m] for r in group]) for m in metrics]
             epochs = [r["best_epoch"] for r in group if r.get("best_epoch") is not None]
             times = [t for t in map(seconds_per_epoch, group) if t is not None]

@@ -13,6 +13,9 @@ Priority, lowest first (a later source overrides an earlier one):
    settings;
 6. ``--key=value`` overrides.
 
+``gpu_id`` defaults to ``CUDA_VISIBLE_DEVICES`` when that is set: RecBole would otherwise reset the
+variable to its own default, ``0``.
+
 Relative ``data_path``, ``checkpoint_dir``, ``log_dir`` and ``tensorboard_dir`` are resolved against the
 repository root, so ``cd baseline/X && python run.py`` finds the same data and writes to the same
 folders as a run from the root.
@@ -21,6 +24,7 @@ folders as a run from the root.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -107,17 +111,32 @@ def build_config(model: str | None, config_files: list[Path], overrides: dict):
     spec = find_model(model or overrides.get("model") or from_files.get("model") or DEFAULT_MODEL)
     files = config_files_for(spec, user_files, "dataset" in overrides or "dataset" in from_files)
     overrides = {k: v for k, v in overrides.items() if k != "model"}
+    if os.environ.get("CUDA_VISIBLE_DEVICES") and "gpu_id" not in overrides:
+        # RecBole sets CUDA_VISIBLE_DEVICES to gpu_id (default "0"), hiding the GPUs a user or a
+        # launcher picked through the variable; keep their choice unless --gpu_id says otherwise.
+        overrides["gpu_id"] = os.environ["CUDA_VISIBLE_DEVICES"]
     with _argv_hidden():
         try:
             config = Config(model=spec.model_class, config_file_list=[str(f) for f in files],
                             config_dict=overrides)
         except (KeyError, ValueError, TypeError) as error:
             raise UserError(f"invalid configuration: {error}") from None
+    check_valid_metric(config)
     for key in ROOT_RELATIVE_KEYS:
         value = config[key]
         if value is not None and not Path(value).is_absolute():
             config[key] = str(ROOT / value)
     return config, spec
+
+
+def check_valid_metric(config) -> None:
+    """UserError unless ``valid_metric`` (e.g. NDCG@10) is among the metrics and cut-offs computed."""
+    name, _, cutoff = str(config["valid_metric"]).lower().partition("@")
+    metrics = [str(m).lower() for m in config["metrics"]]
+    topk = config["topk"] if isinstance(config["topk"], list) else [config["topk"]]
+    if name not in metrics or (cutoff and (not cutoff.isdigit() or int(cutoff) not in topk)):
+        raise UserError(f"valid_metric {config['valid_metric']} is not computed: metrics are "
+                        f"{config['metrics']} at topk {topk}")
 
 
 def check_dataset_files(config) -> None:

@@ -50,7 +50,8 @@ def run_and_fail(main, argv, capsys):
     (["--load_col={'inter': ['user_id', 'item_id']}", "--is_time=False"], "needed by ordering by time"),
     (["--dataset=no-such-dataset"], "no folder"),
     (["stray"], "unrecognised argument 'stray'"),
-    (["--topk=[100]"], "topk [100] needs more items"),
+    (["--topk=[10,100]"], "topk [10, 100] needs more items"),
+    (["--topk=[5]"], "valid_metric NDCG@10 is not computed"),
 ])
 def test_bad_training_input(extra, message, tiny_data_path, outputs, capsys):
     err = run_and_fail(train_main, cli_args(tiny_data_path, outputs, *extra), capsys)

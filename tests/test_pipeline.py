@@ -138,3 +138,51 @@ def test_a_config_file_can_name_the_model(tmp_path):
     assert config["dropout_prob"] == 0.4  # ...which win over the dataset config's TiM4Rec values
     config, spec = build_config("SASRec", files, {"use_gpu": False})  # --model wins
     assert spec.name == "SASRec"
+
+
+def test_cuda_visible_devices_is_kept_unless_gpu_id_is_given(monkeypatch):
+    import os
+
+    from pipeline.settings import CONFIG_DIR
+
+    files = [CONFIG_DIR / "config4ml100k_64d.yaml"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    config, _ = build_config(None, files, {"use_gpu": False})
+    assert config["gpu_id"] == "3" and os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+    config, _ = build_config(None, files, {"use_gpu": False, "gpu_id": "1"})
+    assert config["gpu_id"] == "1" and os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+
+
+def test_sasrec_through_the_pipeline_equals_recboles_own_run(tiny, tmp_path, monkeypatch):
+    """The protocol control: with the same files and settings, RecBole's own flow (run_recbole's
+    steps; run_recbole itself imports ray) and RecBole's Trainer give the same metrics."""
+    from recbole.config import Config
+    from recbole.data import create_dataset, data_preparation
+    from recbole.trainer import Trainer
+    from recbole.utils import get_model, init_seed
+
+    from pipeline.registry import find_model
+    from pipeline.settings import OVERALL
+
+    settings = {**{k: v for k, v in tiny.items()
+                   if k not in ("hidden_size", "d_state", "head_dim", "chunk_size")},
+                "hidden_size": 16}
+    ours = train(model="SASRec", overrides=settings, quiet=True)
+
+    monkeypatch.chdir(tmp_path)  # RecBole's Trainer opens ./log_tensorboard
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # it reloads a pickled checkpoint
+    files = [str(OVERALL), str(find_model("SASRec").settings)]
+    config = Config(model="SASRec", config_file_list=files,
+                    config_dict={**settings, "checkpoint_dir": str(tmp_path / "recbole-saved")})
+    init_seed(config["seed"], config["reproducibility"])
+    train_data, valid_data, test_data = data_preparation(config, create_dataset(config))
+    init_seed(config["seed"], config["reproducibility"])
+    model = get_model("SASRec")(config, train_data._dataset)
+    trainer = Trainer(config, model)
+    best_valid_score, _ = trainer.fit(train_data, valid_data, saved=True)
+    theirs = trainer.evaluate(test_data, load_best_model=True)
+
+    assert ours["test_result"].keys() == theirs.keys()
+    for key, value in theirs.items():
+        assert ours["test_result"][key] == pytest.approx(float(value), abs=1e-4), key
+    assert ours["best_valid_score"] == pytest.approx(float(best_valid_score), abs=1e-4)
