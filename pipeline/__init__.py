@@ -8,6 +8,7 @@ config -> data -> model -> training -> evaluation -> checkpoints, on top of RecB
 - :mod:`pipeline.checkpoint`: checkpoints that load with ``torch.load(weights_only=True)``.
 - :mod:`pipeline.runlog`: per-run names, the log file and the environment report.
 - :mod:`pipeline.trainer`: RecBole's Trainer with those checkpoints and no per-step host syncs.
+- :mod:`pipeline.distributed`: data-parallel training over processes (torch.distributed).
 - :mod:`pipeline.workflow`: ``train`` and ``evaluate_checkpoint``, the two things a user runs.
 - :mod:`pipeline.cli`: argument parsing and error reporting for the entry points.
 

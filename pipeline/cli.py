@@ -7,6 +7,7 @@ can blame on the input raises :class:`~pipeline.errors.UserError`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -50,7 +51,12 @@ def parse_train_args(argv, fixed_model: str | None):
     if fixed_model is None:
         parser.add_argument("--model", default=None, metavar="NAME",
                             help="TiM4Rec (default), a baseline in baseline/, or any RecBole model")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="train with N processes on this machine (data parallel: one GPU each, "
+                             "or gloo on the CPU); several machines: see torchrun in the README")
     args, rest = parser.parse_known_args(argv)
+    if args.nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {args.nproc}")
     return args, _split_overrides(rest)
 
 
@@ -71,7 +77,9 @@ def _report_errors(main):
     try:
         main()
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        # In a distributed run every rank meets the same bad input: rank 0 speaks for all.
+        if os.environ.get("RANK", "0") == "0" or getattr(error, "every_rank", False):
+            print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -84,9 +92,52 @@ def train_main(argv=None, model: str | None = None) -> None:
         from pipeline.workflow import train
 
         args, overrides = parse_train_args(argv, model)
+        if args.nproc > 1:
+            return _spawn_training(args.nproc, model or args.model, args.config, overrides)
         train(model or args.model, args.config, overrides)
 
     _report_errors(main)
+
+
+def _spawn_training(nproc: int, model, config_files, overrides) -> None:
+    from pipeline import distributed
+    from pipeline.settings import build_config, check_dataset_files
+
+    if distributed.launched():
+        raise UserError("--nproc starts processes on this machine; under torchrun, give "
+                        "--nproc_per_node to torchrun instead")
+    # Bad input: one line, here, before any process starts. The config is built as each worker
+    # will build it (LOCAL_WORLD_SIZE picks the GPUs); RecBole's Config also sets
+    # CUDA_VISIBLE_DEVICES, which the workers must not inherit: both are put back.
+    saved = {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "LOCAL_WORLD_SIZE")}
+    os.environ["LOCAL_WORLD_SIZE"] = str(nproc)
+    try:
+        config, _ = build_config(model, list(config_files), dict(overrides))
+        check_dataset_files(config)
+        _check_gpus(config, nproc)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    status = distributed.spawn(nproc, _train_in_process, (model, config_files, overrides))
+    if status:
+        sys.exit(status)  # the failing process has said why
+
+
+def _check_gpus(config, nproc: int) -> None:
+    import torch
+
+    if config["use_gpu"] and torch.cuda.is_available() and torch.cuda.device_count() < nproc:
+        raise UserError(f"--nproc={nproc} needs {nproc} GPUs (one per process); "
+                        f"{torch.cuda.device_count()} visible with gpu_id {config['gpu_id']!r}")
+
+
+def _train_in_process(model, config_files, overrides) -> None:
+    from pipeline.workflow import train
+
+    _report_errors(lambda: train(model, config_files, overrides))
 
 
 def test_main(argv=None) -> None:

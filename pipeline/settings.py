@@ -13,8 +13,9 @@ Priority, lowest first (a later source overrides an earlier one):
    settings;
 6. ``--key=value`` overrides.
 
-``gpu_id`` defaults to ``CUDA_VISIBLE_DEVICES`` when that is set: RecBole would otherwise reset the
-variable to its own default, ``0``.
+``gpu_id`` defaults to ``CUDA_VISIBLE_DEVICES`` when that is set (RecBole would otherwise reset the
+variable to its own default, ``0``), else, in a distributed run, to the first ``LOCAL_WORLD_SIZE``
+GPUs: local rank r trains on the r-th of them.
 
 Relative ``data_path``, ``checkpoint_dir``, ``log_dir`` and ``tensorboard_dir`` are resolved against the
 repository root, so ``cd baseline/X && python run.py`` finds the same data and writes to the same
@@ -111,10 +112,13 @@ def build_config(model: str | None, config_files: list[Path], overrides: dict):
     spec = find_model(model or overrides.get("model") or from_files.get("model") or DEFAULT_MODEL)
     files = config_files_for(spec, user_files, "dataset" in overrides or "dataset" in from_files)
     overrides = {k: v for k, v in overrides.items() if k != "model"}
-    if os.environ.get("CUDA_VISIBLE_DEVICES") and "gpu_id" not in overrides:
+    if "gpu_id" not in overrides:
         # RecBole sets CUDA_VISIBLE_DEVICES to gpu_id (default "0"), hiding the GPUs a user or a
-        # launcher picked through the variable; keep their choice unless --gpu_id says otherwise.
-        overrides["gpu_id"] = os.environ["CUDA_VISIBLE_DEVICES"]
+        # launcher picked through the variable, and the GPUs of a distributed run's other ranks.
+        if os.environ.get("CUDA_VISIBLE_DEVICES"):
+            overrides["gpu_id"] = os.environ["CUDA_VISIBLE_DEVICES"]
+        elif int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+            overrides["gpu_id"] = ",".join(map(str, range(int(os.environ["LOCAL_WORLD_SIZE"]))))
     with _argv_hidden():
         try:
             config = Config(model=spec.model_class, config_file_list=[str(f) for f in files],

@@ -10,9 +10,10 @@ import torch
 from recbole.trainer import Trainer
 from recbole.utils import set_color
 from torch.nn.utils import clip_grad_norm_
+from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from pipeline import checkpoint
+from pipeline import checkpoint, distributed
 from pipeline.errors import UserError
 from pipeline.runlog import RunPaths, environment
 from pipeline.settings import plain_config
@@ -54,6 +55,17 @@ def load_weights(model, state_dict, source) -> None:
         raise UserError(f"checkpoint {source} does not match the model: {detail[:600]}") from None
 
 
+class _Loss(torch.nn.Module):
+    """The model's training loss as a module's forward, so that DistributedDataParallel can wrap it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, interaction):
+        return self.model.calculate_loss(interaction)
+
+
 class ProjectTrainer(Trainer):
     """Differences from RecBole's Trainer, each for a reason given in the module it relies on:
 
@@ -62,13 +74,26 @@ class ProjectTrainer(Trainer):
     - the training loss summed on the device and read once per epoch (no ``.item()`` per step, so
       the GPU never waits for the host), with the NaN check done on that sum;
     - ``history``: loss, training time and validation result of every epoch, and ``best_epoch``,
-      for the run's results file (:func:`pipeline.workflow.train`).
+      for the run's results file (:func:`pipeline.workflow.train`);
+    - in a distributed run (:mod:`pipeline.distributed`): gradients averaged by
+      DistributedDataParallel, evaluation sharded by batch and gathered before the metrics, and
+      checkpoints written by rank 0 alone.
     """
 
     def __init__(self, config, model, run: RunPaths | None):
         """``run`` None: an evaluation-only trainer that writes no TensorBoard and no checkpoint."""
-        with _tensorboard_in(run.tensorboard_dir if run is not None else None):
+        writes = run is not None and distributed.is_main()
+        with _tensorboard_in(run.tensorboard_dir if writes else None):
             super().__init__(config, model)
+        self.distributed_loss = None
+        if distributed.active():
+            from torch.nn.parallel import DistributedDataParallel
+
+            # static_graph: the same parameters take part in every step, and those that never do
+            # (the time gate of TiM4Rec's last layer, whose output nothing reads) are found once.
+            self.distributed_loss = DistributedDataParallel(
+                _Loss(model), device_ids=[self.device] if self.device.type == "cuda" else None,
+                static_graph=True)
         self.run = run
         self.saved_model_file = str(run.checkpoint) if run is not None else None
         self._last_valid_result = None
@@ -78,11 +103,11 @@ class ProjectTrainer(Trainer):
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         start = time.perf_counter()
         self.model.train()
-        loss_func = loss_func or self.model.calculate_loss
+        loss_func = loss_func or self.distributed_loss or self.model.calculate_loss
         total = torch.zeros((), device=self.device)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.enable_scaler)
-        if not self.config["single_spec"] and train_data.shuffle:
-            train_data.sampler.set_epoch(epoch_idx)
+        if isinstance(train_data.sampler, DistributedSampler):
+            train_data.sampler.set_epoch(epoch_idx)  # a new permutation, the same on every rank
         batches = tqdm(train_data, total=len(train_data), ncols=100, leave=False,
                        desc=set_color(f"Train {epoch_idx:>5}", "pink"), disable=not show_progress)
         for interaction in batches:
@@ -98,7 +123,8 @@ class ProjectTrainer(Trainer):
             scaler.step(self.optimizer)
             scaler.update()
             total += loss.detach()
-        total = total.item()  # waits for the device: the epoch's time is complete after it
+        # The mean over ranks of each rank's summed batch losses, as one process would report it.
+        total = distributed.all_sum(total).item() / distributed.world_size()
         if math.isnan(total):
             raise UserError(f"training diverged: the loss of epoch {epoch_idx} is NaN")
         self.history.append({"epoch": epoch_idx, "train_loss": total,
@@ -109,6 +135,11 @@ class ProjectTrainer(Trainer):
         path = kwargs.pop("saved_model_file", self.saved_model_file)
         if epoch >= 0:
             self.best_epoch = epoch
+        if distributed.is_main():
+            self._write_checkpoint(path, epoch, verbose)
+        distributed.barrier()  # no rank reads the checkpoint before it is complete
+
+    def _write_checkpoint(self, path, epoch, verbose):
         checkpoint.save(path, {
             "model": self.config["model"],
             "config": plain_config(self.config),
@@ -152,7 +183,45 @@ class ProjectTrainer(Trainer):
             load_weights(self.model, checkpoint.load(path, map_location=self.device)["state_dict"],
                          path)
             self.logger.info(f"Loaded the best weights from {path}")
+        if distributed.active():
+            return self._sharded_evaluate(eval_data, show_progress)
         return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+
+    def _sharded_evaluate(self, eval_data, show_progress):
+        """RecBole's evaluation with rank r scoring batches r, r + N, ...; the collected per-user
+        rows of every rank are put together before the metrics, which are thus a single process's."""
+        from recbole.data.dataloader import FullSortEvalDataLoader
+        from recbole.utils import EvaluatorType
+
+        self.model.eval()
+        if isinstance(eval_data, FullSortEvalDataLoader):
+            eval_func = self._full_sort_batch_eval
+            if self.item_tensor is None:
+                self.item_tensor = eval_data._dataset.get_item_feature().to(self.device)
+        else:
+            eval_func = self._neg_sample_batch_eval
+        if self.config["eval_type"] == EvaluatorType.RANKING:
+            self.tot_item_num = eval_data._dataset.item_num
+        rank, world = distributed.rank(), distributed.world_size()
+        batches = tqdm(eval_data, total=len(eval_data), ncols=100, leave=False,
+                       desc=set_color("Evaluate   ", "pink"), disable=not show_progress)
+        for index, batched_data in enumerate(batches):
+            if index % world == rank:
+                interaction, scores, positive_u, positive_i = eval_func(batched_data)
+                self.eval_collector.eval_batch_collect(scores, interaction, positive_u, positive_i)
+        self.eval_collector.model_collect(self.model)
+        struct = self.eval_collector.get_data_struct()
+        for key in PER_ROW_RESULTS:
+            if self.eval_collector.register.need(key):
+                rows = distributed.gather_rows(struct.get(key) if key in struct else None)
+                if rows is not None:
+                    struct.set(key, rows)
+        return self.evaluator.evaluate(struct)
+
+
+# What RecBole's collector stores per evaluated row (user or interaction), as opposed to
+# dataset-wide values that every rank holds whole.
+PER_ROW_RESULTS = ("rec.topk", "rec.meanrank", "rec.score", "rec.items", "data.label")
 
 
 def as_floats(result):

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline import checkpoint
+from pipeline import checkpoint, distributed
 from pipeline.errors import UserError
 from pipeline.registry import ModelSpec
 from pipeline.runlog import RunLog, environment, new_run
@@ -82,15 +82,27 @@ def train(model: str | None = None, config_files=(), overrides: dict | None = No
     from pipeline.trainer import ProjectTrainer, as_floats
 
     config, spec = build_config(model, list(config_files), dict(overrides or {}))
-    log = RunLog(config["state"], quiet=quiet)
+    if distributed.launched():
+        distributed.setup(config)
+    main = distributed.is_main()  # the one process that writes files and talks
+    log = RunLog(config["state"], quiet=quiet or not main)
     try:
-        run = new_run(spec.name, config["dataset"], config["checkpoint_dir"], config["log_dir"],
-                      config["tensorboard_dir"])
+        run = distributed.broadcast(
+            new_run(spec.name, config["dataset"], config["checkpoint_dir"], config["log_dir"],
+                    config["tensorboard_dir"]) if main else None)
         logger.info("command: " + " ".join(sys.argv))
         _seed_and_precision(config)
         train_data, valid_data, test_data = _load_data(config)
+        if distributed.active():
+            train_data = distributed.shard_train_loader(config, train_data)
         model_ = _build_model(spec, config, train_data.dataset)
-        log.commit(run.log_file)  # the run is valid: from here on it leaves a log
+        if distributed.active():
+            import torch
+
+            torch.manual_seed(config["seed"] + distributed.rank())  # each its own dropout masks
+            _describe_distributed(config)
+        if main:
+            log.commit(run.log_file)  # the run is valid: from here on it leaves a log
         _describe(config, model_)
 
         trainer = ProjectTrainer(config, model_, run)
@@ -101,6 +113,9 @@ def train(model: str | None = None, config_files=(), overrides: dict | None = No
         else:
             logger.info(f"nothing to train: the checkpoint is at epoch {trainer.start_epoch - 1} "
                         f"of {config['epochs']}")
+        replicas = distributed.gather_digests(model_) if distributed.active() else None
+        if replicas is not None and len(set(replicas)) > 1:
+            logger.warning("the processes ended with different weights: %s", replicas)
         test_result = trainer.evaluate(test_data, load_best_model=True,
                                        show_progress=config["show_progress"])
         test_result = as_floats(test_result)
@@ -113,6 +128,8 @@ def train(model: str | None = None, config_files=(), overrides: dict | None = No
             "model": spec.name,
             "dataset": config["dataset"],
             "seed": config["seed"],
+            "processes": distributed.world_size(),
+            "train_samples": train_data.sample_size,  # per epoch, over all processes
             "valid_metric": config["valid_metric"],
             "parameters": sum(p.numel() for p in model_.parameters() if p.requires_grad),
             "checkpoint": trainer.saved_model_file,
@@ -123,13 +140,23 @@ def train(model: str | None = None, config_files=(), overrides: dict | None = No
             "test_result": test_result,
             "epochs": trainer.history,
         }
-        run.results.write_text(json.dumps(result, indent=1))  # what report.py reads
+        if replicas is not None:
+            result["replica_digests"] = replicas  # the final weights of each rank, hashed
+        if main:
+            run.results.write_text(json.dumps(result, indent=1))  # what report.py reads
         return result
     except BaseException as error:
         log.record_failure(error)
         raise
     finally:
         log.close()
+        distributed.shutdown()
+
+
+def _describe_distributed(config) -> None:
+    world = distributed.world_size()
+    logger.info(f"distributed: {world} processes ({distributed.backend()}), a global batch of "
+                f"{config['train_batch_size']} ({config['train_batch_size'] // world} per process)")
 
 
 def read_checkpoint(path, allow_pickle: bool = False) -> dict:

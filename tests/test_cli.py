@@ -52,6 +52,8 @@ def run_and_fail(main, argv, capsys):
     (["stray"], "unrecognised argument 'stray'"),
     (["--topk=[10,100]"], "topk [10, 100] needs more items"),
     (["--topk=[5]"], "valid_metric NDCG@10 is not computed"),
+    (["--nproc=0"], "--nproc must be at least 1"),
+    (["--nproc=2", "--dataset=no-such-dataset"], "no folder"),  # said before any process starts
 ])
 def test_bad_training_input(extra, message, tiny_data_path, outputs, capsys):
     err = run_and_fail(train_main, cli_args(tiny_data_path, outputs, *extra), capsys)
