@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import itertools
 import logging
 import math
 import sys
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 BACKENDS = ("auto", "triton", "torch")
+WHOLE_SEQUENCE_CHUNK = 64  # the PyTorch scan takes sequences up to this long as a single chunk
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +82,13 @@ def triton_unavailable_reason() -> str | None:
     except ImportError as error:
         return str(error)
     return None
+
+
+def uses_triton(backend: str, x: torch.Tensor) -> bool:
+    """Whether ``backend`` (auto|triton|torch) runs mamba-ssm's Triton kernels for the tensor ``x``."""
+    if backend == "auto":
+        return x.is_cuda and triton_unavailable_reason() is None
+    return backend == "triton"
 
 
 def resolve_backend(requested: str, device: torch.device | str) -> str:
@@ -182,7 +191,8 @@ def chunk_scan_torch(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, d
     nc, q = (seqlen + pad) // chunk_size, chunk_size
 
     def chunked(t, *tail):  # [b l ...] -> [b c q g *tail], zero-padded
-        t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
+        if pad:
+            t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
         return t.reshape(batch, nc, q, ngroups, *tail)
 
     xc = chunked(x, r, headdim).permute(0, 3, 1, 2, 4, 5)  # [b g c q r p] (a view)
@@ -245,14 +255,12 @@ def chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_soft
     Returns:
         y: [batch, seqlen, nheads, headdim]
     """
-    if backend == "auto":
-        backend = "triton" if x.is_cuda and triton_unavailable_reason() is None else "torch"
-    if backend == "triton":
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if uses_triton(backend, x):
         scan, _ = load_triton_ops()
         return scan(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
                     dt_softplus=dt_softplus, dt_limit=tuple(dt_limit))
-    if backend != "torch":
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     return chunk_scan_torch(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
                             dt_softplus=dt_softplus, dt_limit=dt_limit)
 
@@ -287,9 +295,7 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
     def forward(self, x, z=None):
-        use_triton = self.backend == "triton" or (
-            self.backend == "auto" and x.is_cuda and triton_unavailable_reason() is None)
-        if use_triton:
+        if uses_triton(self.backend, x):
             _, rmsnorm_fn = load_triton_ops()
             return rmsnorm_fn(x, self.weight, None, z=z, eps=self.eps, group_size=None,
                               norm_before_gate=self.norm_before_gate)
@@ -312,7 +318,15 @@ class CausalConv1d(nn.Conv1d):
         super().__init__(channels, channels, kernel_size, groups=channels, padding=kernel_size - 1)
 
     def forward(self, x):  # [B C L] -> [B C L]
-        return super().forward(x)[..., : x.shape[-1]]
+        length = x.shape[-1]
+        if x.device.type == "cpu" and x.stride(1) == 1:
+            # x is a [B L C] tensor seen as [B C L]. On the CPU, the same convolution as a 2-D one
+            # over that channels-last layout runs forward and backward in half the time, with no
+            # copy into [B C L]; the result is again channels-last ([B L C] memory).
+            out = F.conv2d(x.unsqueeze(2), self.weight.unsqueeze(2), self.bias,
+                           padding=(0, self.padding[0]), groups=self.groups)  # [B C 1 L+K-1]
+            return out.squeeze(2)[..., :length]
+        return super().forward(x)[..., :length]
 
 
 class TimeAwareSSD(nn.Module):
@@ -378,6 +392,33 @@ class TimeAwareSSD(nn.Module):
         self.norm = GatedRMSNorm(d_inner, eps=norm_eps, norm_before_gate=False, backend=backend)
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
 
+    def project_in(self, u):
+        """``in_proj(u)`` split into z [B L E], xBC [B L E+2N] and dt [B L H].
+
+        On the CPU, as three products with slices of the one ``in_proj`` weight: each part comes out
+        contiguous (the convolution then reads xBC without a copy), and the backward pass needs no
+        concatenation of their gradients.
+        """
+        E, N = self.d_inner, self.d_state
+        sizes = [E, E + 2 * N, self.nheads]
+        if u.device.type != "cpu":
+            return torch.split(self.in_proj(u), sizes, dim=-1)
+        bounds = [0, *itertools.accumulate(sizes)]
+        bias = self.in_proj.bias
+        return tuple(
+            F.linear(u, self.in_proj.weight[a:b], None if bias is None else bias[a:b])
+            for a, b in itertools.pairwise(bounds))
+
+    def scan_chunk_size(self, x) -> int:
+        """``chunk_size`` for the Triton kernel; for the PyTorch scan, a sequence of up to
+        ``WHOLE_SEQUENCE_CHUNK`` steps is one chunk: no padding to a multiple of the chunk and no
+        pass between chunks (twice as fast on a CPU at L 50). Chunking orders the floating-point
+        operations; it does not change what is computed."""
+        seqlen = x.shape[1]
+        if uses_triton(self.backend, x) or seqlen > WHOLE_SEQUENCE_CHUNK:
+            return self.chunk_size
+        return max(seqlen, 1)
+
     def time_step_gate(self, tau):
         """``g = Hardswish(conv2(Hardswish(conv1(tau * MLP(tau)))))`` [B H L]: the per-step dt factor."""
         g = tau * self.mlp4time_scale(tau)
@@ -392,7 +433,7 @@ class TimeAwareSSD(nn.Module):
     def forward(self, u, tau=None):
         batch, seqlen, _ = u.shape
         E, N, H, P = self.d_inner, self.d_state, self.nheads, self.head_dim
-        z, xBC, dt = torch.split(self.in_proj(u), [E, E + 2 * N, H], dim=-1)
+        z, xBC, dt = self.project_in(u)
         xBC = self.activation(self.conv1d(xBC.transpose(1, 2)).transpose(1, 2))  # [B L E+2N]
         x, B, C = torch.split(xBC, [E, N, N], dim=-1)
 
@@ -404,7 +445,7 @@ class TimeAwareSSD(nn.Module):
 
         y = chunk_scan(
             x.reshape(batch, seqlen, H, P), dt, -torch.exp(self.A_log),
-            B.unsqueeze(2), C.unsqueeze(2), self.chunk_size, D=self.D, dt_bias=self.dt_bias,
+            B.unsqueeze(2), C.unsqueeze(2), self.scan_chunk_size(x), D=self.D, dt_bias=self.dt_bias,
             dt_softplus=True, dt_limit=self.dt_limit, backend=self.backend,
         ).reshape(batch, seqlen, E)  # [B L E]
         return self.out_proj(self.norm(y, z)), tau_next

@@ -140,6 +140,59 @@ def test_causal_conv_sees_only_the_past():
     assert not torch.allclose(conv(x2)[..., 6:], y[..., 6:])
 
 
+def test_causal_conv_channels_last_path_equals_conv1d():
+    """A [B L C] tensor seen as [B C L] takes the 2-D channels-last path on the CPU: same values
+    and gradients as the plain Conv1d on a contiguous copy."""
+    conv = ssd.CausalConv1d(6, 4).double()
+    data = torch.randn(3, 11, 6, dtype=F64)
+    x_last = data.clone().requires_grad_(True)
+    x_first = data.transpose(1, 2).contiguous().requires_grad_(True)
+    y_last, y_first = conv(x_last.transpose(1, 2)), conv(x_first)  # [B C L] both
+    assert x_last.transpose(1, 2).stride(1) == 1 and x_first.stride(1) != 1  # the two paths
+    weights = torch.randn(y_first.shape, dtype=F64)
+    grads_last = torch.autograd.grad((y_last * weights).sum(), [x_last, conv.weight, conv.bias])
+    grads_first = torch.autograd.grad((y_first * weights).sum(), [x_first, conv.weight, conv.bias])
+    reference = torch.nn.functional.conv1d(
+        torch.nn.functional.pad(x_first, (3, 0)), conv.weight, conv.bias, groups=6)
+    assert torch.allclose(y_first, reference, rtol=1e-13, atol=1e-13)
+    assert torch.allclose(y_last, y_first, rtol=1e-13, atol=1e-13)
+    assert torch.allclose(grads_last[0], grads_first[0].transpose(1, 2), rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads_last[1:], grads_first[1:]):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_block_projection_and_whole_sequence_chunk_change_nothing(monkeypatch):
+    """The CPU shortcuts of TimeAwareSSD: in_proj as three products, and a short sequence as one
+    scan chunk. Same output and gradients as one product split in three and chunks of 4."""
+    torch.manual_seed(0)
+    block = ssd.TimeAwareSSD(16, max_seq_length=12, d_state=8, head_dim=8, chunk_size=4,
+                             backend="torch").double()
+    u = torch.randn(3, 12, 16, dtype=F64)
+    tau = torch.randn(3, block.nheads, 12, dtype=F64)
+    assert block.scan_chunk_size(u) == 12
+    z, xBC, dt = block.project_in(u)
+    assert all(p.is_contiguous() for p in (z, xBC, dt))
+    split = torch.split(block.in_proj(u), [32, 32 + 16, block.nheads], dim=-1)
+    for a, b in zip((z, xBC, dt), split):
+        assert torch.allclose(a, b, rtol=1e-13, atol=1e-13)
+
+    def run():
+        block.zero_grad()
+        out, tau_next = block(u, tau)
+        (out.square().sum() + tau_next.sum()).backward()
+        return out, [p.grad.clone() for p in block.parameters() if p.grad is not None]
+
+    fast_out, fast_grads = run()
+    monkeypatch.setattr(ssd, "WHOLE_SEQUENCE_CHUNK", 0)  # chunks of chunk_size = 4
+    monkeypatch.setattr(block, "project_in",
+                        lambda x: torch.split(block.in_proj(x), [32, 48, block.nheads], dim=-1))
+    assert block.scan_chunk_size(u) == 4
+    plain_out, plain_grads = run()
+    assert torch.allclose(fast_out, plain_out, rtol=1e-12, atol=1e-12)
+    for a, b in zip(fast_grads, plain_grads):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(head_dim=48), "head_dim"),
     (dict(chunk_size=24), "power of two"),
