@@ -56,11 +56,14 @@ def epoch_seconds(model_name, config_files, overrides):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", action="append", default=[], type=Path)
+    parser.add_argument("--order", nargs=2, default=["SASRec", "TiM4Rec"],
+                        help="which model is timed first (default: SASRec TiM4Rec)")
     args, rest = parser.parse_known_args()
     overrides = dict(arg[2:].split("=", 1) for arg in rest)
     import torch
 
-    rows = [epoch_seconds(name, args.config, overrides) for name in ("SASRec", "TiM4Rec")]
+    rows = [epoch_seconds(name, args.config, overrides) for name in args.order]
+    rows.sort(key=lambda r: r["model"] != "SASRec")  # the baseline row first
     print(f"CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{rows[0]['threads']} threads")
     print("| model | batches x (batch, L) | epoch s | / SASRec | data loading s |")
