@@ -78,6 +78,9 @@ def train(model: str | None = None, config_files=(), overrides: dict | None = No
     Returns (and writes beside the log, as ``<run>.json``) the run's name, model, dataset, seed,
     parameter count, checkpoint and log paths, best epoch, best validation and test results, and
     each epoch's loss, training time and validation result.
+
+    In a distributed launch (:mod:`pipeline.distributed`) every process calls this with the same
+    arguments; they train one model together, and rank 0 alone writes files and logs.
     """
     from pipeline.trainer import ProjectTrainer, as_floats
 
