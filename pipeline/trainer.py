@@ -85,7 +85,7 @@ class ProjectTrainer(Trainer):
         writes = run is not None and distributed.is_main()
         with _tensorboard_in(run.tensorboard_dir if writes else None):
             super().__init__(config, model)
-        self.distributed_loss = None
+        self.distributed_loss = None  # the loss as a DDP module, in a distributed run
         if distributed.active():
             from torch.nn.parallel import DistributedDataParallel
 
@@ -103,7 +103,8 @@ class ProjectTrainer(Trainer):
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         start = time.perf_counter()
         self.model.train()
-        loss_func = loss_func or self.distributed_loss or self.model.calculate_loss
+        if loss_func is None:  # in a distributed run, through DDP, which averages the gradients
+            loss_func = self.distributed_loss or self.model.calculate_loss
         total = torch.zeros((), device=self.device)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.enable_scaler)
         if isinstance(train_data.sampler, DistributedSampler):

@@ -42,7 +42,8 @@ def outputs_and_grads(fn, inputs, **kwargs):
     return y, dict(zip(wanted, grads))
 
 
-@pytest.mark.parametrize("seqlen,chunk_size", [(1, 4), (7, 4), (37, 8), (50, 32), (64, 16), (50, 64)])
+@pytest.mark.parametrize("seqlen,chunk_size", [(1, 4), (7, 4), (37, 8), (50, 32), (64, 16), (50, 64),
+                                              (37, 37), (50, 50)])  # the whole sequence, as on CPU
 @pytest.mark.parametrize("nheads,ngroups", [(4, 1), (4, 2), (3, 3)])
 def test_chunked_scan_equals_recurrence_float64(seqlen, chunk_size, nheads, ngroups):
     inputs = random_inputs(2, seqlen, nheads, 5, ngroups, 6)
