@@ -24,6 +24,8 @@ import hashlib
 import os
 import socket
 
+from pipeline.errors import UserError
+
 LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -76,8 +78,6 @@ def setup(config) -> None:
     on_gpu = bool(config["use_gpu"]) and torch.cuda.is_available()
     if on_gpu:
         if local_rank >= torch.cuda.device_count():
-            from pipeline.errors import UserError
-
             error = UserError(f"local rank {local_rank} has no GPU: {torch.cuda.device_count()} "
                               f"visible (gpu_id {config['gpu_id']!r})")
             error.every_rank = True  # only this rank knows: it must say so itself
