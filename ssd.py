@@ -412,7 +412,7 @@ class TimeAwareSSD(nn.Module):
     def scan_chunk_size(self, x) -> int:
         """``chunk_size`` for the Triton kernel; for the PyTorch scan, a sequence of up to
         ``WHOLE_SEQUENCE_CHUNK`` steps is one chunk: no padding to a multiple of the chunk and no
-        pass between chunks (twice as fast on a CPU at L 50). Chunking orders the floating-point
+        pass between chunks (0.5-0.7 of the time on a CPU at L 50: bench/cpu_parts.py). Chunking orders the floating-point
         operations; it does not change what is computed."""
         seqlen = x.shape[1]
         if uses_triton(self.backend, x) or seqlen > WHOLE_SEQUENCE_CHUNK:
