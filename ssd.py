@@ -21,6 +21,7 @@ package ``__init__``.
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import importlib.util
 import itertools
@@ -51,6 +52,8 @@ def load_triton_ops() -> tuple:
 
     Imports the two Triton modules without executing ``mamba_ssm/__init__.py`` when that fails,
     by registering a bare package object whose search path is the installed package's folder.
+    With a GPU, the kernels' autotune choices known on this machine are put back first, and new
+    ones are kept at exit (:mod:`pipeline.autotune`).
     """
     modules = ("mamba_ssm.ops.triton.ssd_combined", "mamba_ssm.ops.triton.layernorm_gated")
     try:
@@ -70,6 +73,11 @@ def load_triton_ops() -> tuple:
         except ImportError as error:
             del sys.modules["mamba_ssm"]
             raise ImportError(f"mamba-ssm's Triton modules failed to import: {error}") from error
+    if torch.cuda.is_available():  # autotune once per machine, not once per process
+        from pipeline import autotune
+
+        autotune.restore()
+        atexit.register(autotune.save)
     return ssd_combined.mamba_chunk_scan_combined, layernorm_gated.rmsnorm_fn
 
 

@@ -126,6 +126,8 @@ def build_config(model: str | None, config_files: list[Path], overrides: dict):
         except (KeyError, ValueError, TypeError) as error:
             raise UserError(f"invalid configuration: {error}") from None
     check_valid_metric(config)
+    if config["cuda_graph"] not in (True, False, "auto"):
+        raise UserError(f"cuda_graph must be auto, True or False, got {config['cuda_graph']!r}")
     for key in ROOT_RELATIVE_KEYS:
         value = config[key]
         if value is not None and not Path(value).is_absolute():

@@ -13,7 +13,7 @@ from torch.nn.utils import clip_grad_norm_
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from pipeline import checkpoint, distributed
+from pipeline import autotune, checkpoint, cuda_graph, distributed
 from pipeline.errors import UserError
 from pipeline.runlog import RunPaths, environment
 from pipeline.settings import plain_config
@@ -73,6 +73,7 @@ class ProjectTrainer(Trainer):
     - TensorBoard under the run's folder;
     - the training loss summed on the device and read once per epoch (no ``.item()`` per step, so
       the GPU never waits for the host), with the NaN check done on that sum;
+    - on GPUs, the training step replayed as a CUDA graph (``cuda_graph``, :mod:`pipeline.cuda_graph`);
     - ``history``: loss, training time and validation result of every epoch, and ``best_epoch``,
       for the run's results file (:func:`pipeline.workflow.train`);
     - in a distributed run (:mod:`pipeline.distributed`): gradients averaged by
@@ -86,14 +87,31 @@ class ProjectTrainer(Trainer):
         with _tensorboard_in(run.tensorboard_dir if writes else None):
             super().__init__(config, model)
         self.distributed_loss = None  # the loss as a DDP module, in a distributed run
+        self._graphed = None  # the CUDA-graph step, False where not used; built at the first epoch
+        self._graph_stream = None  # the side stream of its warm-up and capture
+        # auto: one GPU only. A distributed run's graph holds NCCL calls; it is opt-in (True)
+        # until its use on several GPUs has been verified as thoroughly as on one.
+        wanted = config["cuda_graph"] is True or (config["cuda_graph"] == "auto"
+                                                  and not distributed.active())
+        if self.device.type == "cuda" and wanted:
+            reason = cuda_graph.unsupported_reason(
+                self.optimizer, clip_grad_norm=self.clip_grad_norm,
+                amp=self.enable_amp or self.enable_scaler)
+            if reason is None:
+                self._graph_stream = torch.cuda.Stream()
+            else:
+                self.logger.info(f"CUDA graph not used: {reason}")
+                self._graphed = False
         if distributed.active():
             from torch.nn.parallel import DistributedDataParallel
 
             # static_graph: the same parameters take part in every step, and those that never do
             # (the time gate of TiM4Rec's last layer, whose output nothing reads) are found once.
-            self.distributed_loss = DistributedDataParallel(
-                _Loss(model), device_ids=[self.device] if self.device.type == "cuda" else None,
-                static_graph=True)
+            # Built on the capture stream, as CUDA graphs of DDP steps require.
+            with torch.cuda.stream(self._graph_stream) if self._graph_stream else contextlib.nullcontext():
+                self.distributed_loss = DistributedDataParallel(
+                    _Loss(model), device_ids=[self.device] if self.device.type == "cuda" else None,
+                    static_graph=True)
         self.run = run
         self.saved_model_file = str(run.checkpoint) if run is not None else None
         self._last_valid_result = None
@@ -103,6 +121,7 @@ class ProjectTrainer(Trainer):
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         start = time.perf_counter()
         self.model.train()
+        graphed = self._graphed_step() if loss_func is None else None
         if loss_func is None:  # in a distributed run, through DDP, which averages the gradients
             loss_func = self.distributed_loss or self.model.calculate_loss
         total = torch.zeros((), device=self.device)
@@ -113,6 +132,9 @@ class ProjectTrainer(Trainer):
                        desc=set_color(f"Train {epoch_idx:>5}", "pink"), disable=not show_progress)
         for interaction in batches:
             interaction = interaction.to(self.device)
+            if graphed is not None:
+                total += graphed(interaction)
+                continue
             self.optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type=self.device.type, enabled=self.enable_amp):
                 loss = loss_func(interaction)
@@ -130,7 +152,29 @@ class ProjectTrainer(Trainer):
             raise UserError(f"training diverged: the loss of epoch {epoch_idx} is NaN")
         self.history.append({"epoch": epoch_idx, "train_loss": total,
                              "train_s": time.perf_counter() - start})
+        if self.device.type == "cuda" and distributed.is_main():
+            autotune.save()  # now, not only at exit: a run stopped later keeps its kernel choices
         return total
+
+    def fit(self, *args, **kwargs):
+        try:
+            return super().fit(*args, **kwargs)
+        finally:
+            if self._graphed:
+                self._graphed.release()  # before the process group goes (pipeline.cuda_graph)
+
+    def _graphed_step(self):
+        """The CUDA-graph training step (:mod:`pipeline.cuda_graph`), or None where it is off or
+        cannot be used (said once in the log)."""
+        if self._graphed is None and self._graph_stream is not None:
+            # Built here, after a resumed optimizer state is loaded: it turns on ``capturable``.
+            world = distributed.world_size()
+            self._graphed = cuda_graph.GraphedStep(
+                self.distributed_loss or self.model.calculate_loss, self.optimizer,
+                self.config["train_batch_size"] // world,  # each rank's share of a batch
+                warmup=cuda_graph.DISTRIBUTED_WARMUP_STEPS if world > 1 else cuda_graph.WARMUP_STEPS,
+                stream=self._graph_stream)
+        return self._graphed or None
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
         path = kwargs.pop("saved_model_file", self.saved_model_file)

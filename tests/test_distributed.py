@@ -118,3 +118,17 @@ def test_every_baseline_trains_on_two_processes(model, tiny_data_path, tmp_path)
     run = results(tmp_path)
     assert run["model"] == model and run["processes"] == 2
     assert run["replica_digests"][0] == run["replica_digests"][1]
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available()
+                    or __import__("torch").cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_gpus_with_the_captured_step_train_and_exit(tiny_data_path, tmp_path):
+    """NCCL, each rank's step (with DDP's all-reduce) replayed as a CUDA graph after DDP's eleven
+    warm-up steps: the run must end (the graph is released before the process group), with
+    identical replicas."""
+    done = launch([sys.executable, "run.py", "--nproc=2",
+                   *settings(tiny_data_path, tmp_path, use_gpu=True, cuda_graph=True,
+                             ssd_backend="torch", train_batch_size=16, epochs=3)], timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    digests = results(tmp_path)["replica_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]

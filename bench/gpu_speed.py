@@ -1,0 +1,427 @@
+"""GPU training speed of TiM4Rec against RecBole's SASRec (the control) and Mamba4Rec, with the floor.
+
+    python bench/gpu_speed.py --data_path=DIR [--settings a,b,c] [--json OUT.json] [--quick]
+
+DIR holds amazon-sports/ and ml-1m-half/. Settings (upstream's configs):
+(a) amazon-sports, L 50, 64d, batch 2048; (b) ml-1m-half, L 200, 64d, batch 2048;
+(c) ml-1m-half, L 200, 256d, batch 512.
+
+Each setting runs in its own process, on one real batch and the real data loaders:
+
+- **step**: median over 20 training steps (zero_grad, forward, backward, Adam) after warm-up, timed
+  with CUDA events, and the peak GPU memory over them. Per model: ``eager`` (the step as RecBole's
+  trainer runs it), ``graph`` (this project's default on one GPU: :mod:`pipeline.cuda_graph`). The
+  control is SASRec ``eager + anomaly``: RecBole turns on autograd anomaly detection for the whole
+  process when its model package is imported (SINE's module does it), so that is how RecBole runs
+  SASRec; this project turns it off (:mod:`pipeline.compat`), and ``eager`` without it is shown too.
+- **epoch**: one training epoch through the project's trainer (the second one: the first captures
+  the graph), and for the control one epoch of RecBole's own ``Trainer._train_epoch``;
+  ``loading``: one pass over the training loader with the batches copied to the GPU, no model.
+- **eval**: full-sort evaluation of the test set through the trainer.
+- **first step**: TiM4Rec's first training step in a fresh process, with fresh Triton and autotune
+  caches (``cold``: the shipped autotune choices of ``config/autotune.json`` apply on a GPU they
+  name; ``cold, no shipped choices``: every kernel autotuned), and again in the same caches
+  (``warm``: the same config already ran on this machine).
+- **floor**: the step's FLOPs and the bytes it must move (written out in :func:`floor`), over the
+  card's peak rates: how far each setting is from the hardware, and which of the two bounds it.
+
+Prints Markdown tables; ``--json`` writes every number. ``--quick`` skips the epochs of the
+non-control models and the uncached first step (about half the time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gpu_check import SETTINGS  # the three settings of the paper, from the script beside this one
+
+MODELS = ("TiM4Rec", "SASRec", "Mamba4Rec")
+# Peak dense rates of an H100 SXM (NVIDIA's datasheet): FP32 on CUDA cores, TF32 on tensor cores
+# (mamba-ssm's kernels multiply in TF32), HBM3 bandwidth.
+PEAK = {"fp32_flops": 67e12, "tf32_flops": 495e12, "bytes": 3.35e12}
+UPSTREAM = {  # reference section 5: upstream TiM4Rec and RecBole SASRec on one H100
+    "a": {"step_ms": 22.1, "sasrec_ms": 38.0, "first_s": 13.9, "peak_gb": 2.0},
+    "b": {"step_ms": 63.1, "sasrec_ms": 128.8, "first_s": 18.2, "peak_gb": 6.9},
+    "c": {"step_ms": 62.6, "sasrec_ms": 84.9, "first_s": 78.7, "peak_gb": 6.7},
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# One process per setting
+# --------------------------------------------------------------------------------------------------
+
+
+def _config(model, setting, data_path):
+    from pipeline.settings import CONFIG_DIR, build_config
+
+    config_file, dataset = SETTINGS[setting]
+    overrides = {"dataset": dataset, "data_path": data_path, "show_progress": False}
+    if model == "SASRec":  # RecBole's default SASRec, as the control was measured upstream
+        overrides["n_heads"] = 2  # (the project's baseline config follows the paper: 8 heads)
+    config, spec = build_config(model, [CONFIG_DIR / config_file], overrides)
+    return config, spec
+
+
+def _model(spec, config, dataset):
+    import torch
+    from recbole.utils import init_seed
+
+    init_seed(config["seed"], config["reproducibility"])
+    return spec.model_class(config, dataset).to(torch.device("cuda"))
+
+
+def _sync_time(fn):
+    import torch
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, result
+
+
+def time_steps(model, batch, graph: bool, anomaly: bool, steps=20, warmup=5) -> dict:
+    """First step (s), median step (ms) and peak memory (GB) of zero_grad, loss, backward, Adam."""
+    import torch
+
+    from pipeline.cuda_graph import WARMUP_STEPS, GraphedStep
+
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    if graph:
+        step = GraphedStep(model.calculate_loss, optimizer, len(batch))
+        def run():
+            return step(batch)
+    else:
+        def run():
+            optimizer.zero_grad(set_to_none=True)
+            model.calculate_loss(batch).backward()
+            optimizer.step()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    torch.autograd.set_detect_anomaly(anomaly)
+    try:
+        first, _ = _sync_time(run)
+        for _ in range(max(warmup, WARMUP_STEPS + 2)):
+            run()
+        times = []
+        for _ in range(steps):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+    finally:
+        torch.autograd.set_detect_anomaly(False)
+    if graph and step.failed:
+        raise RuntimeError(f"capture failed: {step.failed}")
+    return {"first_s": first, "step_ms": statistics.median(times),
+            "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
+
+
+def loading_seconds(train_data) -> float:
+    """One pass over the training loader, each batch copied to the GPU, no model."""
+    def one_pass():
+        for interaction in train_data:
+            interaction.to("cuda")
+    return _sync_time(one_pass)[0]
+
+
+def project_epoch(config, model, train_data, test_data) -> dict:
+    """Seconds of the project trainer's second epoch (the first captures the graph), and of a
+    full-sort evaluation of the test set."""
+    from pipeline.trainer import ProjectTrainer
+
+    trainer = ProjectTrainer(config, model, None)
+    trainer._train_epoch(train_data, 0)
+    epoch_s, _ = _sync_time(lambda: trainer._train_epoch(train_data, 1))
+    eval_s, _ = _sync_time(lambda: trainer.evaluate(test_data, load_best_model=False))
+    return {"epoch_s": epoch_s, "eval_s": eval_s}
+
+
+def recbole_epoch(config, model, train_data) -> float:
+    """Seconds of one epoch of RecBole's own Trainer, anomaly detection on, as RecBole runs it."""
+    import torch
+    from recbole.trainer import Trainer
+
+    from pipeline.trainer import _tensorboard_in
+
+    with _tensorboard_in(None):
+        trainer = Trainer(config, model)
+    torch.autograd.set_detect_anomaly(True)
+    try:
+        return _sync_time(lambda: trainer._train_epoch(train_data, 0))[0]
+    finally:
+        torch.autograd.set_detect_anomaly(False)
+
+
+def child(setting: str, data_path: str, quick: bool) -> dict:
+    import torch
+    from recbole.data import create_dataset, data_preparation
+
+    config, spec = _config(None, setting, data_path)
+    dataset = create_dataset(config)
+    train_data, _, test_data = data_preparation(config, dataset)
+    batch = next(iter(train_data)).to("cuda")
+    out = {"setting": setting, "dataset": SETTINGS[setting][1], "batch": len(batch),
+           "length": config["MAX_ITEM_LIST_LENGTH"], "hidden": config["hidden_size"],
+           "n_items": dataset.item_num, "batches": len(train_data),
+           "train_samples": len(train_data.dataset), "loading_s": loading_seconds(train_data),
+           "ssd": {k: config[k] for k in ("num_layers", "d_state", "d_conv", "expand", "head_dim",
+                                          "chunk_size", "is_time")},
+           "rows": {}}
+    for name in MODELS:
+        model_config, model_spec = (config, spec) if name == "TiM4Rec" else _config(
+            name, setting, data_path)
+        variants = [("eager", False, False), ("graph", True, False)]
+        if name == "SASRec":
+            variants.insert(0, ("eager + anomaly", False, True))
+        for label, graph, anomaly in variants:
+            model = _model(model_spec, model_config, dataset)
+            try:
+                row = time_steps(model, batch, graph, anomaly)
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
+                row = {"error": " ".join(str(error).split())[:200]}
+            timed_epoch = (name == "SASRec" and anomaly) or (graph and (name == "TiM4Rec"
+                                                                        or not quick))
+            if "error" not in row and timed_epoch:
+                model = _model(model_spec, model_config, dataset)  # fresh weights and optimizer
+                if anomaly:
+                    row["epoch_s"] = recbole_epoch(model_config, model, train_data)
+                else:
+                    row.update(project_epoch(model_config, model, train_data, test_data))
+            if name == "TiM4Rec" and label == "eager":
+                from pipeline import autotune
+
+                autotune.save()  # its kernel choices, for the next process on this machine
+            if name == "Mamba4Rec":
+                row["backend"] = model.backend  # mambapy's scan where mamba-ssm has no CUDA build
+            out["rows"][f"{name} {label}"] = row
+            print(setting, name, label, json.dumps(row), file=sys.stderr, flush=True)
+            del model
+            torch.cuda.empty_cache()
+    return out
+
+
+def first_step_child(setting: str, data_path: str, shipped: bool) -> dict:
+    """TiM4Rec's first training step in this (fresh) process."""
+    import torch
+
+    from pipeline import autotune
+
+    if not shipped:
+        autotune.SHIPPED = Path(os.devnull)
+    from recbole.data import create_dataset, data_preparation
+
+    config, spec = _config(None, setting, data_path)
+    train_data, _, _ = data_preparation(config, create_dataset(config))
+    batch = next(iter(train_data)).to("cuda")
+    model = _model(spec, config, train_data.dataset)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        model.calculate_loss(batch).backward()
+        optimizer.step()
+    seconds, _ = _sync_time(step)
+    autotune.save()
+    return {"first_s": seconds}
+
+
+# --------------------------------------------------------------------------------------------------
+# The floor
+# --------------------------------------------------------------------------------------------------
+
+
+def floor(row: dict) -> dict:
+    """FLOPs and bytes of one TiM4Rec training step at this setting, and the time each bounds.
+
+    FLOPs: 2 per multiply-add of the forward pass, times 3 for forward plus backward (the backward
+    of a product costs two products). Per token and layer, with D the width, E = expand * D, N the
+    state, H heads, Q the chunk, K the conv width, L the length: in_proj 2D(2E+2N+H), conv 2K(E+2N),
+    SSD 2Q(N+E) inside chunks plus 4NE for chunk states and their read-out, out_proj 2ED,
+    FFN 16D^2, with time the time branch (two L x L products and the L -> 1 gate per head and
+    sequence) 2H(2L+1);
+    per sequence, the scores against every item 2D * n_items. Elementwise work is left out.
+
+    Bytes: what a step cannot avoid moving in float32 (4 bytes): each layer's activations that the
+    backward needs, written once and read once: the layer input [L D], in_proj's output
+    [L 2E+2N+H], the scan output [L E], the FFN hidden [L 4D]; the scores [n_items] per sequence,
+    written, read and their gradient written; Adam's pass over parameters, gradients and two
+    moments (7 reads and writes per parameter); the batch itself.
+    """
+    s = row["ssd"]
+    B, L, D, n_items = row["batch"], row["length"], row["hidden"], row["n_items"]
+    E, N, K, Q = s["expand"] * D, s["d_state"], s["d_conv"], s["chunk_size"]
+    H = E // s["head_dim"]
+    layers = s["num_layers"]
+    time_branch = 2 * H * (2 * L + 1) if s.get("is_time", True) else 0
+    per_token = (2 * D * (2 * E + 2 * N + H) + 2 * K * (E + 2 * N) + 2 * Q * (N + E) + 4 * N * E
+                 + 2 * E * D + 16 * D * D + time_branch)
+    flops = 3 * (B * L * layers * per_token + B * 2 * D * n_items)
+    activations = B * L * layers * (D + (2 * E + 2 * N + H) + E + 4 * D)
+    params = n_items * D + layers * (D * (2 * E + 2 * N + H) + E * D + 8 * D * D
+                                     + (2 * L * L if s.get("is_time", True) else 0))
+    moved = 4 * (2 * activations + 3 * B * n_items + 7 * params) + 8 * B * (2 * L + 2)
+    t_flops = flops / PEAK["fp32_flops"]
+    t_bytes = moved / PEAK["bytes"]
+    return {"gflop": flops / 1e9, "gb": moved / 1e9, "flops_ms": 1e3 * t_flops,
+            "bytes_ms": 1e3 * t_bytes, "floor_ms": 1e3 * max(t_flops, t_bytes),
+            "bound": "FLOPs" if t_flops > t_bytes else "bytes"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Driver and report
+# --------------------------------------------------------------------------------------------------
+
+
+def _run_child(args: list[str], env: dict | None = None) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+        out = Path(handle.name)
+    try:
+        subprocess.run([sys.executable, __file__, *args, f"--child-out={out}"], check=True,
+                       env={**os.environ, **(env or {})})
+        return json.loads(out.read_text())
+    finally:
+        out.unlink(missing_ok=True)
+
+
+def first_steps(setting: str, data_path: str, quick: bool) -> dict:
+    """Cold and warm first steps, each in a fresh process, with throwaway cache folders."""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        caches = {"TRITON_CACHE_DIR": f"{tmp}/triton",
+                  "TIM4REC_AUTOTUNE_CACHE": f"{tmp}/autotune.json"}
+        out["cold"] = _run_child(["--first-step", setting, f"--data_path={data_path}"], caches)
+        out["warm"] = _run_child(["--first-step", setting, f"--data_path={data_path}"], caches)
+    if not quick and setting == "a":
+        with tempfile.TemporaryDirectory() as tmp:
+            caches = {"TRITON_CACHE_DIR": f"{tmp}/triton",
+                      "TIM4REC_AUTOTUNE_CACHE": f"{tmp}/autotune.json"}
+            out["cold, no shipped choices"] = _run_child(
+                ["--first-step", setting, f"--data_path={data_path}", "--no-shipped"], caches)
+    return {k: v["first_s"] for k, v in out.items()}
+
+
+def markdown(results: list[dict]) -> str:
+    lines = [("| setting | model | path | first step s | step ms | / SASRec (control) | / floor |"
+              " peak GB | epoch s | batches x step + loading s | eval s |"), "|" + "---|" * 11]
+    for r in results:
+        control = r["rows"]["SASRec eager + anomaly"]["step_ms"]
+        fl = r["floor"]["floor_ms"]
+        for label, row in r["rows"].items():
+            name, path = label.split(" ", 1)
+            if "error" in row:
+                error = row["error"].split(".")[0]  # e.g. "CUDA out of memory"
+                lines.append(f"| {r['setting']} | {name} | {path} | {error} |" + " |" * 7)
+                continue
+            budget = r["batches"] * row["step_ms"] / 1e3 + r["loading_s"]
+            epoch = f"{row['epoch_s']:.1f}" if "epoch_s" in row else "-"
+            lines.append(
+                f"| {r['setting']} | {name} | {path} | {row['first_s']:.1f} | {row['step_ms']:.1f} | "
+                f"{row['step_ms'] / control:.2f} | {row['step_ms'] / fl:.1f} | {row['peak_gb']:.2f} | "
+                f"{epoch} | {budget:.1f} | {row.get('eval_s', float('nan')):.1f} |")
+    lines += ["", ("| setting | batch x L, D | items | batches | loading s | GFLOP | GB moved |"
+                   " FLOPs ms | bytes ms | bound | TiM4Rec graph / floor | first step s (cold, warm"
+                   "; no shipped choices) |"), "|" + "---|" * 12]
+    for r in results:
+        f, first = r["floor"], r.get("first_step", {})
+        firsts = ", ".join(f"{first[k]:.1f}" for k in ("cold", "warm") if k in first)
+        if "cold, no shipped choices" in first:
+            firsts += f"; {first['cold, no shipped choices']:.1f}"
+        graph = r["rows"].get("TiM4Rec graph", {})
+        ratio = f"{graph['step_ms'] / f['floor_ms']:.1f}" if "step_ms" in graph else "-"
+        lines.append(f"| {r['setting']} | {r['batch']} x {r['length']}, {r['hidden']}d | "
+                     f"{r['n_items']:,} | {r['batches']} | {r['loading_s']:.1f} | {f['gflop']:.0f} | "
+                     f"{f['gb']:.2f} | {f['flops_ms']:.2f} | {f['bytes_ms']:.2f} | {f['bound']} | "
+                     f"{ratio} | {firsts} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data_path")
+    parser.add_argument("--settings", default="a,b,c")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--phase", choices=("all", "steps", "first"), default="all",
+                        help="steps: everything but the first steps; first: only those")
+    parser.add_argument("--report", type=Path, nargs="+", default=None,
+                        help="print the tables of these --json files (merged) and exit")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--first-step", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--no-shipped", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.report:
+        return report(args.report)
+    if not args.data_path:
+        parser.error("--data_path is required")
+    data_path = str(Path(args.data_path).resolve())
+    settings = args.settings.split(",")
+    if unknown := [s for s in settings if s not in SETTINGS]:
+        parser.error(f"unknown setting(s) {unknown}; choose from {', '.join(SETTINGS)}")
+
+    from pipeline import compat
+
+    compat.apply()
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_speed: needs a CUDA device", file=sys.stderr)
+        return 2
+    if args.child or args.first_step:
+        result = (child(args.child, data_path, args.quick) if args.child else
+                  first_step_child(args.first_step, data_path, shipped=not args.no_shipped))
+        args.child_out.write_text(json.dumps(result))
+        return 0
+
+    from pipeline.runlog import environment
+
+    env = environment("cuda")
+    results = []
+    for setting in settings:
+        result = {"setting": setting}
+        if args.phase in ("all", "steps"):
+            result = _run_child(["--child", setting, f"--data_path={data_path}"]
+                                + (["--quick"] if args.quick else []))
+            result["floor"] = floor(result)
+            result["upstream"] = UPSTREAM[setting]
+        if args.phase in ("all", "first"):
+            result["first_step"] = first_steps(setting, data_path, args.quick)
+        results.append(result)
+        if args.json:  # after every setting: a run cut short keeps what it measured
+            args.json.write_text(json.dumps({"environment": env, "peak": PEAK,
+                                             "results": results}, indent=1))
+    print(json.dumps(env))
+    if args.phase != "first":
+        print(markdown(results))
+    else:
+        print(json.dumps({r["setting"]: r["first_step"] for r in results}))
+    return 0
+
+
+def report(paths: list[Path]) -> int:
+    """The tables of one or more --json files; entries of one setting are merged."""
+    merged: dict[str, dict] = {}
+    for path in paths:
+        for result in json.loads(path.read_text())["results"]:
+            merged.setdefault(result["setting"], {}).update(result)
+    print(markdown([merged[s] for s in sorted(merged) if "rows" in merged[s]]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

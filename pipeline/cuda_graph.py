@@ -1,0 +1,167 @@
+"""The whole training step, forward, backward and optimizer, replayed as one CUDA graph.
+
+A model of this size at RecBole's batch sizes spends most of an eager step launching kernels: the
+host issues a few hundred small kernels (and mamba-ssm's Triton launches cost tens of microseconds
+each in Python), while the GPU finishes them faster than they arrive. Captured once, the step is one
+graph launch; the kernels, their order and their inputs are those of the eager step, so what is
+computed does not change. Dropout stays random from step to step (PyTorch advances the CUDA
+generator's offset on every replay).
+
+What a graph needs, and what this module does about it:
+
+- Fixed shapes and addresses: the batch is copied into tensors captured once; a batch of another
+  size (the last, partial batch of an epoch) runs eagerly, with the same parameters and optimizer.
+- A capturable optimizer: ``capturable=True`` keeps Adam's step count on the GPU.
+- No host synchronisation inside the step: nothing in the models here reads a GPU value on the
+  host during training; a model that does fails to capture, and training goes on eagerly with one
+  warning that says why.
+- A fixed learning rate: it is baked into the graph; a change of any group's learning rate is
+  detected before a replay and the step is captured again.
+
+In a distributed run (only with ``cuda_graph: True``) the graph holds DDP's gradient all-reduce
+too: NCCL calls can be captured. What PyTorch asks for that: DDP built on the stream that warms up
+and captures, and eleven eager DDP steps before the capture. Every rank sees batches of the same
+sizes (DistributedSampler pads the ranks to equal length), so all ranks replay, or all run eagerly,
+at the same step. The graph is released before the process group is destroyed.
+
+Not used (the reason is logged once): with gradient clipping, mixed precision or an optimizer
+without ``capturable``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+WARMUP_STEPS = 2  # eager steps before capturing: library handles, Triton autotuning, optimizer state
+DISTRIBUTED_WARMUP_STEPS = 11  # what DistributedDataParallel needs before its hooks can be captured
+
+
+def unsupported_reason(optimizer, *, clip_grad_norm, amp: bool) -> str | None:
+    """Why the training step cannot be captured here, or None."""
+    if clip_grad_norm:
+        return "gradient clipping (clip_grad_norm) is on"
+    if amp:
+        return "mixed precision (enable_amp / enable_scaler) is on"
+    if "capturable" not in optimizer.defaults:
+        return f"optimizer {type(optimizer).__name__} has no capturable mode"
+    return None
+
+
+def make_capturable(optimizer) -> None:
+    """Turn on ``capturable``: step counts live on the parameters' device (also resumed ones)."""
+    for group in optimizer.param_groups:
+        group["capturable"] = True
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            step = state.get("step")
+            if torch.is_tensor(step) and step.device != param.device:
+                state["step"] = step.to(param.device, torch.float32)
+    optimizer.defaults["capturable"] = True
+
+
+class GraphedStep:
+    """``step(interaction) -> loss`` (a detached GPU scalar): zero_grad, loss, backward, optimizer.
+
+    Batches of ``batch_size`` rows are replayed from a graph captured at the ``warmup + 1``-th
+    such batch; any other batch, and every batch before, runs eagerly. ``stream``: the side stream
+    of the warm-up and the capture (a DDP module must have been built on it).
+    """
+
+    def __init__(self, loss_func, optimizer, batch_size: int, warmup: int = WARMUP_STEPS,
+                 stream=None):
+        self.loss_func = loss_func
+        self.optimizer = optimizer
+        self.batch_size = batch_size
+        self.warmup = warmup
+        self.stream = stream or torch.cuda.Stream()
+        self.graph = None
+        self.static_batch = None
+        self.static_loss = None
+        self.captured_lrs = None
+        self.warm_steps = 0
+        self.failed = None  # why capture failed, once it has
+        make_capturable(optimizer)
+
+    def _lrs(self):
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def _eager(self, interaction):
+        # Once captured, keep the gradient tensors: the graph's backward writes into them, so that
+        # ``param.grad`` is always the last step's gradient, whichever way that step ran.
+        self.optimizer.zero_grad(set_to_none=self.graph is None)
+        loss = self.loss_func(interaction)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def _rows(self, interaction) -> int:
+        return len(next(iter(interaction.interaction.values())))
+
+    def _matches(self, interaction) -> bool:
+        static = self.static_batch.interaction
+        fields = interaction.interaction
+        return fields.keys() == static.keys() and all(
+            fields[k].shape == static[k].shape and fields[k].dtype == static[k].dtype
+            for k in fields)
+
+    def _warm(self, interaction):
+        # On the capture's side stream, as PyTorch asks of the steps that precede a capture.
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            loss = self._eager(interaction)
+        torch.cuda.current_stream().wait_stream(self.stream)
+        self.warm_steps += 1
+        return loss
+
+    def _capture(self, interaction):
+        from recbole.data.interaction import Interaction
+
+        self.static_batch = Interaction({k: v.clone() for k, v in interaction.interaction.items()})
+        self.graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)  # gradients are then allocated by the graph
+        torch.cuda.synchronize()
+        with torch.cuda.graph(self.graph, stream=self.stream):
+            loss = self.loss_func(self.static_batch)
+            loss.backward()
+            self.optimizer.step()
+        self.static_loss = loss.detach()
+        self.captured_lrs = self._lrs()
+        logger.info("training step captured as a CUDA graph (batch of %d)", self.batch_size)
+
+    def release(self) -> None:
+        """Free the graph (and with it its memory pool); later batches run eagerly.
+
+        A graph that holds NCCL calls must be gone before its process group is destroyed: the
+        trainer releases it at the end of training.
+        """
+        if self.graph is not None:
+            torch.cuda.synchronize()
+            self.graph.reset()
+        self.graph = self.static_batch = self.static_loss = None
+        self.failed = self.failed or "released"
+
+    def __call__(self, interaction):
+        if self.failed or self._rows(interaction) != self.batch_size:
+            return self._eager(interaction)
+        if self.graph is None and self.warm_steps < self.warmup:
+            return self._warm(interaction)
+        if self.graph is not None and (self._lrs() != self.captured_lrs
+                                       or not self._matches(interaction)):
+            self.graph = None  # recapture for the new learning rate or batch layout
+        if self.graph is None:
+            try:
+                self._capture(interaction)
+            except Exception as error:  # noqa: BLE001 - any capture failure means: train eagerly
+                self.graph = None
+                self.failed = " ".join(str(error).split())[:300] or type(error).__name__
+                logger.warning("CUDA graph capture failed (%s); training eagerly", self.failed)
+                torch.cuda.synchronize()
+                return self._eager(interaction)
+        for key, value in self.static_batch.interaction.items():
+            value.copy_(interaction[key], non_blocking=True)
+        self.graph.replay()
+        return self.static_loss

@@ -1,0 +1,82 @@
+"""The CUDA-graph training step (pipeline/cuda_graph.py) against the eager step, on a GPU."""
+
+import copy
+
+import pytest
+import torch
+
+from pipeline.cuda_graph import WARMUP_STEPS, GraphedStep, unsupported_reason
+from ssd import triton_unavailable_reason
+from tests.test_model import N_ITEMS, FakeDataset, make_config
+from tim4rec import TiM4Rec
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available() or triton_unavailable_reason() is not None,
+                          reason="needs CUDA and mamba-ssm's Triton kernels")
+
+
+def batch_of(rows, seed, length=50):
+    from recbole.data.interaction import Interaction
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, length + 1, (rows,), generator=g)
+    pad = torch.arange(length) >= lengths[:, None]
+    items = torch.randint(1, N_ITEMS, (rows, length), generator=g).masked_fill(pad, 0)
+    gaps = torch.randint(60, 10**6, (rows, length), generator=g)
+    times = (1e9 + gaps.cumsum(1)).float().masked_fill(pad, 0)
+    return Interaction({"item_id_list": items, "item_length": lengths, "timestamp_list": times,
+                        "item_id": torch.randint(1, N_ITEMS, (rows,), generator=g)}).to("cuda")
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def test_unsupported_reasons():
+    adam = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    assert unsupported_reason(adam, clip_grad_norm=None, amp=False) is None
+    assert "clip" in unsupported_reason(adam, clip_grad_norm={"max_norm": 1}, amp=False)
+    assert "mixed precision" in unsupported_reason(adam, clip_grad_norm=None, amp=True)
+    assert "SGD" in unsupported_reason(sgd, clip_grad_norm=None, amp=False)
+
+
+@cuda
+@pytest.mark.parametrize("is_time", [True, False])
+def test_replayed_step_equals_eager_step(is_time):
+    """From the same weights, optimizer state and random seed, a replay of the captured step gives
+    the eager step's loss, gradients and Adam moments (float32 tolerance), for a new batch copied
+    into the graph; a partial batch in between runs eagerly and leaves the graph usable."""
+    config = make_config(device=torch.device("cuda"), ssd_backend="triton", MAX_ITEM_LIST_LENGTH=50,
+                         hidden_size=64, d_state=32, head_dim=32, chunk_size=32, is_time=is_time)
+    torch.manual_seed(0)
+    model = TiM4Rec(config, FakeDataset()).cuda().train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    step = GraphedStep(model.calculate_loss, optimizer, batch_size=64)
+    for i in range(WARMUP_STEPS + 1):  # warm-up, then capture (and replay) on the last
+        step(batch_of(64, seed=i))
+    assert step.graph is not None and not step.failed
+    assert torch.isfinite(step(batch_of(17, seed=10)))  # partial batch: eager
+
+    twin = copy.deepcopy(model)
+    twin_optimizer = torch.optim.Adam(twin.parameters(), lr=1e-3, capturable=True)
+    twin_optimizer.load_state_dict(optimizer.state_dict())
+    batch = batch_of(64, seed=20)
+
+    torch.cuda.manual_seed(123)
+    loss = step(batch).clone()
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+    torch.cuda.manual_seed(123)
+    twin_optimizer.zero_grad(set_to_none=True)
+    twin_loss = twin.calculate_loss(batch)
+    twin_loss.backward()
+    twin_optimizer.step()
+
+    assert abs(loss.item() - twin_loss.item()) <= 1e-5 * abs(twin_loss.item())
+    for (name, p), g, q in zip(model.named_parameters(), grads, twin.parameters()):
+        assert (g is None) == (q.grad is None), name
+        if q.grad is None or q.grad.norm() == 0:
+            continue
+        assert rel(g, q.grad) < 1e-3, name  # atomics in the Triton backward: order of sums only
+        m, twin_m = optimizer.state[p]["exp_avg"], twin_optimizer.state[q]["exp_avg"]
+        assert rel(m, twin_m) < 1e-3, name
