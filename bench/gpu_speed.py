@@ -1,6 +1,6 @@
 """GPU training speed of TiM4Rec against RecBole's SASRec (the control) and Mamba4Rec, with the floor.
 
-    python bench/gpu_speed.py --data_path=DIR [--settings a,b,c] [--json OUT.json] [--quick]
+    python bench/gpu_speed.py --data_path=DIR [--settings a,b,c] [--json OUT.json] [--quick] [--profile]
 
 DIR holds amazon-sports/ and ml-1m-half/. Settings (upstream's configs):
 (a) amazon-sports, L 50, 64d, batch 2048; (b) ml-1m-half, L 200, 64d, batch 2048;
@@ -25,8 +25,9 @@ Each setting runs in its own process, on one real batch and the real data loader
 - **floor**: the step's FLOPs and the bytes it must move (written out in :func:`floor`), over the
   card's peak rates: how far each setting is from the hardware, and which of the two bounds it.
 
-Prints Markdown tables; ``--json`` writes every number. ``--quick`` skips the epochs of the
-non-control models and the uncached first step (about half the time).
+Prints Markdown tables; ``--json`` writes every number. ``--quick`` times TiM4Rec's epoch only
+(not the other models' nor the control's, the longest part at (c)) and skips the first step without
+shipped choices.
 """
 
 from __future__ import annotations
@@ -91,8 +92,41 @@ def _sync_time(fn):
     return time.perf_counter() - start, result
 
 
-def time_steps(model, batch, graph: bool, anomaly: bool, steps=20, warmup=5) -> dict:
-    """First step (s), median step (ms) and peak memory (GB) of zero_grad, loss, backward, Adam."""
+KERNEL_KINDS = (  # (kind, words of a kernel's name), the first match wins; else "elementwise"
+    ("SSD (mamba-ssm Triton)", ("_chunk", "_bmm_chunk", "_state_passing")),
+    ("gated RMSNorm (Triton)", ("_layer_norm_fwd", "_layer_norm_bwd")),
+    ("convolution", ("conv",)),
+    ("GEMM", ("gemm", "xmma", "cutlass")),
+    ("LayerNorm", ("layer_norm",)),
+    ("softmax / loss", ("softmax", "nll")),
+    ("Adam", ("multi_tensor", "adam")),
+    ("cat / copy", ("cat", "copy")),
+    ("reduction", ("reduce",)),
+)
+
+
+def kernel_time_by_kind(run, steps=3) -> dict:
+    """GPU time per step (ms) of each kind of kernel, from torch.profiler over ``steps`` calls."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            run()
+        torch.cuda.synchronize()
+    kinds: dict[str, float] = {}
+    for event in prof.key_averages():
+        name = event.key.lower()
+        kind = next((k for k, words in KERNEL_KINDS if any(w in name for w in words)),
+                    "elementwise")
+        kinds[kind] = kinds.get(kind, 0.0) + event.self_device_time_total / 1e3 / steps
+    return dict(sorted(kinds.items(), key=lambda item: -item[1]))
+
+
+def time_steps(model, batch, graph: bool, anomaly: bool, steps=20, warmup=5,
+               profile_kernels=False) -> dict:
+    """First step (s), median step (ms) and peak memory (GB) of zero_grad, loss, backward, Adam;
+    with ``profile_kernels``, the GPU time per step of each kind of kernel too."""
     import torch
 
     from pipeline.cuda_graph import WARMUP_STEPS, GraphedStep
@@ -127,8 +161,11 @@ def time_steps(model, batch, graph: bool, anomaly: bool, steps=20, warmup=5) -> 
         torch.autograd.set_detect_anomaly(False)
     if graph and step.failed:
         raise RuntimeError(f"capture failed: {step.failed}")
-    return {"first_s": first, "step_ms": statistics.median(times),
-            "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
+    row = {"first_s": first, "step_ms": statistics.median(times),
+           "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
+    if profile_kernels:
+        row["kernel_ms"] = kernel_time_by_kind(run)
+    return row
 
 
 def loading_seconds(train_data) -> float:
@@ -167,7 +204,7 @@ def recbole_epoch(config, model, train_data) -> float:
         torch.autograd.set_detect_anomaly(False)
 
 
-def child(setting: str, data_path: str, quick: bool) -> dict:
+def child(setting: str, data_path: str, quick: bool, profile: bool) -> dict:
     import torch
     from recbole.data import create_dataset, data_preparation
 
@@ -191,11 +228,12 @@ def child(setting: str, data_path: str, quick: bool) -> dict:
         for label, graph, anomaly in variants:
             model = _model(model_spec, model_config, dataset)
             try:
-                row = time_steps(model, batch, graph, anomaly)
+                row = time_steps(model, batch, graph, anomaly,
+                                 profile_kernels=profile and name == "TiM4Rec" and graph)
             except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
                 row = {"error": " ".join(str(error).split())[:200]}
-            timed_epoch = (name == "SASRec" and anomaly) or (graph and (name == "TiM4Rec"
-                                                                        or not quick))
+            # --quick: TiM4Rec's epoch only (the one the epoch bar is about).
+            timed_epoch = (graph and name == "TiM4Rec") or (not quick and (graph or anomaly))
             if "error" not in row and timed_epoch:
                 model = _model(model_spec, model_config, dataset)  # fresh weights and optimizer
                 if anomaly:
@@ -347,6 +385,12 @@ def markdown(results: list[dict]) -> str:
                      f"{r['n_items']:,} | {r['batches']} | {r['loading_s']:.1f} | {f['gflop']:.0f} | "
                      f"{f['gb']:.2f} | {f['flops_ms']:.2f} | {f['bytes_ms']:.2f} | {f['bound']} | "
                      f"{ratio} | {firsts} |")
+    profiled = [r for r in results if "kernel_ms" in r["rows"].get("TiM4Rec graph", {})]
+    if profiled:
+        lines += ["", "TiM4Rec graph step, GPU ms per step by kind of kernel:"]
+        for r in profiled:
+            kinds = r["rows"]["TiM4Rec graph"]["kernel_ms"]
+            lines.append(f"- ({r['setting']}) " + ", ".join(f"{k} {v:.1f}" for k, v in kinds.items()))
     return "\n".join(lines)
 
 
@@ -356,6 +400,8 @@ def main(argv=None) -> int:
     parser.add_argument("--settings", default="a,b,c")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="also break TiM4Rec's graph step down by kind of kernel (torch.profiler)")
     parser.add_argument("--phase", choices=("all", "steps", "first"), default="all",
                         help="steps: everything but the first steps; first: only those")
     parser.add_argument("--report", type=Path, nargs="+", default=None,
@@ -383,7 +429,7 @@ def main(argv=None) -> int:
         print("gpu_speed: needs a CUDA device", file=sys.stderr)
         return 2
     if args.child or args.first_step:
-        result = (child(args.child, data_path, args.quick) if args.child else
+        result = (child(args.child, data_path, args.quick, args.profile) if args.child else
                   first_step_child(args.first_step, data_path, shipped=not args.no_shipped))
         args.child_out.write_text(json.dumps(result))
         return 0
@@ -396,7 +442,8 @@ def main(argv=None) -> int:
         result = {"setting": setting}
         if args.phase in ("all", "steps"):
             result = _run_child(["--child", setting, f"--data_path={data_path}"]
-                                + (["--quick"] if args.quick else []))
+                                + (["--quick"] if args.quick else [])
+                                + (["--profile"] if args.profile else []))
             result["floor"] = floor(result)
             result["upstream"] = UPSTREAM[setting]
         if args.phase in ("all", "first"):

@@ -63,6 +63,20 @@ def make_capturable(optimizer) -> None:
     optimizer.defaults["capturable"] = True
 
 
+def reset_capturable(optimizer) -> None:
+    """Undo :func:`make_capturable`, as in a state loaded from a CUDA-graph run's checkpoint: the
+    resuming run decides for itself (PyTorch refuses a capturable step on the CPU)."""
+    for group in optimizer.param_groups:
+        if group.get("capturable"):
+            group["capturable"] = False
+            for param in group["params"]:
+                state = optimizer.state.get(param, {})
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].to("cpu", torch.float32)
+    if optimizer.defaults.get("capturable"):
+        optimizer.defaults["capturable"] = False
+
+
 class GraphedStep:
     """``step(interaction) -> loss`` (a detached GPU scalar): zero_grad, loss, backward, optimizer.
 

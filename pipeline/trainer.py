@@ -206,6 +206,7 @@ class ProjectTrainer(Trainer):
                             f"not {self.config['model']}")
         load_weights(self.model, data["state_dict"], resume_file)
         self.optimizer.load_state_dict(data["optimizer"])
+        cuda_graph.reset_capturable(self.optimizer)  # the graph, if any, turns it on again
         self.start_epoch = data["epoch"] + 1
         self.cur_step = data["cur_step"]
         self.best_valid_score = data["best_valid_score"]

@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 
-from pipeline.cuda_graph import WARMUP_STEPS, GraphedStep, unsupported_reason
+from pipeline.cuda_graph import (WARMUP_STEPS, GraphedStep, make_capturable, reset_capturable,
+                                 unsupported_reason)
 from ssd import triton_unavailable_reason
 from tests.test_model import N_ITEMS, FakeDataset, make_config
 from tim4rec import TiM4Rec
@@ -38,6 +39,35 @@ def test_unsupported_reasons():
     assert "clip" in unsupported_reason(adam, clip_grad_norm={"max_norm": 1}, amp=False)
     assert "mixed precision" in unsupported_reason(adam, clip_grad_norm=None, amp=True)
     assert "SGD" in unsupported_reason(sgd, clip_grad_norm=None, amp=False)
+
+
+def test_a_capturable_state_resumes_on_the_cpu():
+    """A checkpoint of a CUDA-graph run holds a capturable Adam state, which PyTorch refuses to
+    step on the CPU; once reset, it steps as the plain state would."""
+    params = [torch.nn.Parameter(torch.randn(3, dtype=torch.float64)) for _ in range(2)]
+    saved = torch.optim.Adam(params, lr=0.1)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    saved.step()
+    make_capturable(saved)
+    state = saved.state_dict()
+    assert state["param_groups"][0]["capturable"]
+
+    plain_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = torch.optim.Adam(plain_params, lr=0.1)
+    resumed.load_state_dict(copy.deepcopy(state))  # (loading may share the moment tensors)
+    for p in plain_params:
+        p.grad = torch.ones_like(p)
+    with pytest.raises((AssertionError, RuntimeError), match="capturable"):
+        resumed.step()
+    reset_capturable(resumed)
+    resumed.step()
+    reference = torch.optim.Adam(params, lr=0.1)  # the same state, never capturable
+    reference.load_state_dict({**copy.deepcopy(state), "param_groups": [
+        {**g, "capturable": False} for g in state["param_groups"]]})
+    reference.step()
+    for p, q in zip(plain_params, params):
+        assert torch.equal(p, q)
 
 
 @cuda
