@@ -5,8 +5,13 @@ import copy
 import pytest
 import torch
 
-from pipeline.cuda_graph import (WARMUP_STEPS, GraphedStep, make_capturable, reset_capturable,
-                                 unsupported_reason)
+from pipeline.cuda_graph import (
+    WARMUP_STEPS,
+    GraphedStep,
+    make_capturable,
+    reset_capturable,
+    unsupported_reason,
+)
 from ssd import triton_unavailable_reason
 from tests.test_model import N_ITEMS, FakeDataset, make_config
 from tim4rec import TiM4Rec
