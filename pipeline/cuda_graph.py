@@ -24,8 +24,9 @@ and captures, and eleven eager DDP steps before the capture. Every rank sees bat
 sizes (DistributedSampler pads the ranks to equal length), so all ranks replay, or all run eagerly,
 at the same step. The graph is released before the process group is destroyed.
 
-Not used (the reason is logged once): with gradient clipping, mixed precision or an optimizer
-without ``capturable``.
+``cuda_graph: auto`` captures the step of the models in :data:`VERIFIED_MODELS` on one GPU;
+``True`` captures any model's, on one GPU or several. Not used (the reason is logged once): with
+gradient clipping, mixed precision or an optimizer without ``capturable``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+# Models whose captured step has been run and checked on a GPU (tests/test_cuda_graph.py,
+# bench/gpu_speed.py): ``cuda_graph: auto`` captures these; ``True`` tries any model.
+VERIFIED_MODELS = ("TiM4Rec", "SASRec", "Mamba4Rec")
 WARMUP_STEPS = 2  # eager steps before capturing: library handles, Triton autotuning, optimizer state
 DISTRIBUTED_WARMUP_STEPS = 11  # what DistributedDataParallel needs before its hooks can be captured
 

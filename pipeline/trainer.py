@@ -89,10 +89,14 @@ class ProjectTrainer(Trainer):
         self.distributed_loss = None  # the loss as a DDP module, in a distributed run
         self._graphed = None  # the CUDA-graph step, False where not used; built at the first epoch
         self._graph_stream = None  # the side stream of its warm-up and capture
-        # auto: one GPU only. A distributed run's graph holds NCCL calls; it is opt-in (True)
-        # until its use on several GPUs has been verified as thoroughly as on one.
-        wanted = config["cuda_graph"] is True or (config["cuda_graph"] == "auto"
-                                                  and not distributed.active())
+        # auto: one GPU, and models whose captured step has been checked on a GPU. A distributed
+        # run's graph holds NCCL calls: opt-in (True) until verified as thoroughly as on one GPU.
+        wanted = config["cuda_graph"] is True
+        if config["cuda_graph"] == "auto" and self.device.type == "cuda":
+            wanted = not distributed.active() and config["model"] in cuda_graph.VERIFIED_MODELS
+            if not wanted:
+                self.logger.info("CUDA graph not used: cuda_graph auto is for one GPU and the models "
+                                 f"{', '.join(cuda_graph.VERIFIED_MODELS)}; True tries it here")
         if self.device.type == "cuda" and wanted:
             reason = cuda_graph.unsupported_reason(
                 self.optimizer, clip_grad_norm=self.clip_grad_norm,
