@@ -19,7 +19,6 @@ import copy
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,35 +89,12 @@ def parity(model_class, config, dataset, batch, state):
     return out
 
 
-def time_steps(model, batch, steps=20, warmup=5):
+def time_steps(model, batch):
     """First step (s), median step (ms) and peak memory (GB) of fwd + bwd + Adam, in train mode."""
-    import torch
+    from gpu_speed import time_steps as eager_steps  # the benchmark beside this one
 
-    model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        model.calculate_loss(batch).backward()
-        optimizer.step()
-
-    start = time.perf_counter()
-    step()
-    torch.cuda.synchronize()
-    first = time.perf_counter() - start
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(begin.elapsed_time(end))
-    return first, statistics.median(times), torch.cuda.max_memory_allocated() / 1e9
+    row = eager_steps(model, batch, graph=False, anomaly=False)
+    return row["first_s"], row["step_ms"], row["peak_gb"]
 
 
 def run_setting(name, data_path):

@@ -1,16 +1,17 @@
 """The whole training step, forward, backward and optimizer, replayed as one CUDA graph.
 
-A model of this size at RecBole's batch sizes spends most of an eager step launching kernels: the
-host issues a few hundred small kernels (and mamba-ssm's Triton launches cost tens of microseconds
-each in Python), while the GPU finishes them faster than they arrive. Captured once, the step is one
-graph launch; the kernels, their order and their inputs are those of the eager step, so what is
-computed does not change. Dropout stays random from step to step (PyTorch advances the CUDA
+An eager step of a small model issues a few hundred small kernels from Python; where the GPU
+finishes them faster than the host launches them, the host sets the pace (TiM4Rec at batch 2048,
+L 50: 22.4 ms eager, 18.4 ms replayed, on an H100; at L 200 the GPU sets it and the two are equal:
+BENCHMARKS.md). Captured once, the step is one graph launch; the kernels, their order and their
+inputs are those of the eager step, so what is computed does not change. Dropout stays random from step to step (PyTorch advances the CUDA
 generator's offset on every replay).
 
 What a graph needs, and what this module does about it:
 
-- Fixed shapes and addresses: the batch is copied into tensors captured once; a batch of another
-  size (the last, partial batch of an epoch) runs eagerly, with the same parameters and optimizer.
+- Fixed shapes and addresses: the batch is copied into tensors captured once. The full batch size
+  is the first batch's; a batch of another size (the last, partial batch of an epoch) runs
+  eagerly, with the same parameters and optimizer.
 - A capturable optimizer: ``capturable=True`` keeps Adam's step count on the GPU.
 - No host synchronisation inside the step: nothing in the models here reads a GPU value on the
   host during training; a model that does fails to capture, and training goes on eagerly with one
@@ -84,13 +85,14 @@ def reset_capturable(optimizer) -> None:
 class GraphedStep:
     """``step(interaction) -> loss`` (a detached GPU scalar): zero_grad, loss, backward, optimizer.
 
-    Batches of ``batch_size`` rows are replayed from a graph captured at the ``warmup + 1``-th
-    such batch; any other batch, and every batch before, runs eagerly. ``stream``: the side stream
-    of the warm-up and the capture (a DDP module must have been built on it).
+    Batches of ``batch_size`` rows (default: the first batch's) are replayed from a graph captured
+    at the ``warmup + 1``-th such batch; any other batch, and every batch before, runs eagerly.
+    ``stream``: the side stream of the warm-up and the capture (a DDP module must have been built
+    on it).
     """
 
-    def __init__(self, loss_func, optimizer, batch_size: int, warmup: int = WARMUP_STEPS,
-                 stream=None):
+    def __init__(self, loss_func, optimizer, batch_size: int | None = None,
+                 warmup: int = WARMUP_STEPS, stream=None):
         self.loss_func = loss_func
         self.optimizer = optimizer
         self.batch_size = batch_size
@@ -163,6 +165,8 @@ class GraphedStep:
         self.failed = self.failed or "released"
 
     def __call__(self, interaction):
+        if self.batch_size is None:
+            self.batch_size = self._rows(interaction)
         if self.failed or self._rows(interaction) != self.batch_size:
             return self._eager(interaction)
         if self.graph is None and self.warm_steps < self.warmup:

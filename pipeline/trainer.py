@@ -87,8 +87,8 @@ class ProjectTrainer(Trainer):
         with _tensorboard_in(run.tensorboard_dir if writes else None):
             super().__init__(config, model)
         self.distributed_loss = None  # the loss as a DDP module, in a distributed run
-        self._graphed = None  # the CUDA-graph step, False where not used; built at the first epoch
-        self._graph_stream = None  # the side stream of its warm-up and capture
+        self._graphed = None  # the CUDA-graph step, built at the first epoch where it is used
+        self._graph_stream = None  # the side stream of its warm-up and capture, where it is used
         # auto: one GPU, and models whose captured step has been checked on a GPU. A distributed
         # run's graph holds NCCL calls: opt-in (True) until verified as thoroughly as on one GPU.
         wanted = config["cuda_graph"] is True
@@ -105,7 +105,6 @@ class ProjectTrainer(Trainer):
                 self._graph_stream = torch.cuda.Stream()
             else:
                 self.logger.info(f"CUDA graph not used: {reason}")
-                self._graphed = False
         if distributed.active():
             from torch.nn.parallel import DistributedDataParallel
 
@@ -172,13 +171,13 @@ class ProjectTrainer(Trainer):
         cannot be used (said once in the log)."""
         if self._graphed is None and self._graph_stream is not None:
             # Built here, after a resumed optimizer state is loaded: it turns on ``capturable``.
-            world = distributed.world_size()
+            # Its batch size is the first batch's: the loader's, per rank in a distributed run.
             self._graphed = cuda_graph.GraphedStep(
                 self.distributed_loss or self.model.calculate_loss, self.optimizer,
-                self.config["train_batch_size"] // world,  # each rank's share of a batch
-                warmup=cuda_graph.DISTRIBUTED_WARMUP_STEPS if world > 1 else cuda_graph.WARMUP_STEPS,
+                warmup=(cuda_graph.DISTRIBUTED_WARMUP_STEPS if distributed.active()
+                        else cuda_graph.WARMUP_STEPS),
                 stream=self._graph_stream)
-        return self._graphed or None
+        return self._graphed
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
         path = kwargs.pop("saved_model_file", self.saved_model_file)
