@@ -34,6 +34,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 BACKENDS = ("auto", "triton", "torch")
 WHOLE_SEQUENCE_CHUNK = 64  # the PyTorch scan takes sequences up to this long as a single chunk
@@ -348,6 +349,9 @@ class TimeAwareSSD(nn.Module):
     shipped configuration (their code uses SiLU only when causal-conv1d is installed and the head count
     is a multiple of 8). Set ``conv_activation="silu"`` for Mamba-2's usual activation.
 
+    ``recompute``: when training on a GPU, the convolution and its activation are computed again in
+    backward rather than kept (less memory, a slower step, the same values).
+
     With ``is_time=False, conv_activation="silu", bias=False`` this is mamba-ssm's ``Mamba2`` mixer
     with its defaults (one B/C group, projections without bias), as SSD4Rec uses it.
     """
@@ -357,7 +361,8 @@ class TimeAwareSSD(nn.Module):
                  is_time: bool = True, p2p_residual: bool = False, time_drop_out: float = 0.0,
                  conv_activation: str = "hardswish", bias: bool = True, dt_min: float = 0.001,
                  dt_max: float = 0.1, dt_init_floor: float = 1e-4, A_init_range: tuple = (1, 16),
-                 dt_limit: tuple = (0.0, float("inf")), backend: str = "auto"):
+                 dt_limit: tuple = (0.0, float("inf")), backend: str = "auto",
+                 recompute: bool = False):
         super().__init__()
         d_inner = expand * d_model
         if d_inner % head_dim:
@@ -372,6 +377,7 @@ class TimeAwareSSD(nn.Module):
         self.nheads = d_inner // head_dim
         self.chunk_size, self.dt_limit, self.backend = chunk_size, tuple(dt_limit), backend
         self.is_time = is_time
+        self.recompute = recompute
         self.activation = nn.Hardswish() if conv_activation == "hardswish" else nn.SiLU()
 
         # z [E], xBC [E + 2N], dt [H]
@@ -427,6 +433,10 @@ class TimeAwareSSD(nn.Module):
             return self.chunk_size
         return max(seqlen, 1)
 
+    def conv_activation(self, xBC):  # [B L E+2N] -> [B L E+2N]
+        """The causal depthwise convolution over the sequence, then the activation."""
+        return self.activation(self.conv1d(xBC.transpose(1, 2)).transpose(1, 2))
+
     def time_step_gate(self, tau):
         """``g = Hardswish(conv2(Hardswish(conv1(tau * MLP(tau)))))`` [B H L]: the per-step dt factor."""
         g = tau * self.mlp4time_scale(tau)
@@ -442,7 +452,14 @@ class TimeAwareSSD(nn.Module):
         batch, seqlen, _ = u.shape
         E, N, H, P = self.d_inner, self.d_state, self.nheads, self.head_dim
         z, xBC, dt = self.project_in(u)
-        xBC = self.activation(self.conv1d(xBC.transpose(1, 2)).transpose(1, 2))  # [B L E+2N]
+        if self.recompute and xBC.is_cuda and torch.is_grad_enabled():
+            # Computed again in backward, so that none of what the convolution and the activation
+            # keep for it stays in memory (the activation's input alone is [B L E+2N] a layer).
+            # Nothing random inside: no random state to keep either.
+            xBC = checkpoint(self.conv_activation, xBC, use_reentrant=False,
+                             preserve_rng_state=False)
+        else:
+            xBC = self.conv_activation(xBC)  # [B L E+2N]
         x, B, C = torch.split(xBC, [E, N, N], dim=-1)
 
         tau_next = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 
@@ -25,20 +26,76 @@ _TIME_ONLY = ("layer_norm_time.", "conv1d4time_", "mlp4time_scale.", "time_gate_
               "time_layer_norm.")
 
 
-class FeedForward(nn.Module):
-    """Position-wise FFN: ``LayerNorm(Dropout(fc2(Dropout(Hardswish(fc1(h))))) + h)``, D -> 4D -> D."""
+class _RecomputedInnerFFN(torch.autograd.Function):
+    """``fc2(Dropout(Hardswish(fc1(h))))`` that keeps only ``h`` and the dropout mask for backward.
 
-    def __init__(self, d_model: int, dropout: float):
+    Autograd would keep three [.. 4D] tensors (fc1's output, Hardswish's, and fc2's input); this
+    keeps a boolean mask and computes the rest again in backward from ``h``, with the same products
+    and the same mask: the gradients are those of the plain modules, for one more product (fc1).
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")  # backward then runs in forward's autocast state
+    def forward(ctx, h, w1, b1, w2, b2, p: float):
+        hidden = F.hardswish(F.linear(h, w1, b1))  # [.. 4D]
+        mask = None
+        if p > 0:  # the kernel of nn.Dropout: the same random stream, the same mask
+            hidden, mask = torch.ops.aten.native_dropout(hidden, p, True)
+        ctx.p = p
+        ctx.save_for_backward(h, w1, b1, w2, mask)
+        return F.linear(hidden, w2, b2)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_out):  # [.. D]
+        h, w1, b1, w2, mask = ctx.saved_tensors
+        pre = F.linear(h, w1, b1)  # [.. 4D]
+        hidden = F.hardswish(pre)
+        scale = 1.0 / (1.0 - ctx.p) if ctx.p < 1 else 0.0  # p = 1 drops everything
+        if mask is not None:
+            hidden = hidden * mask * scale
+        grad_out2 = grad_out.reshape(-1, grad_out.shape[-1])  # [T D]
+        grad_w2 = grad_out2.t() @ hidden.reshape(-1, hidden.shape[-1])
+        del hidden
+        grad_hidden = grad_out @ w2  # [.. 4D]
+        if mask is not None:
+            grad_hidden = grad_hidden * mask * scale
+        grad_pre = torch.ops.aten.hardswish_backward(grad_hidden, pre)
+        del pre, grad_hidden
+        grad_pre2 = grad_pre.reshape(-1, grad_pre.shape[-1])  # [T 4D]
+        grad_w1 = grad_pre2.t() @ h.reshape(-1, h.shape[-1])
+        return (grad_pre @ w1, grad_w1, grad_pre2.sum(0), grad_w2, grad_out2.sum(0), None)
+
+
+class FeedForward(nn.Module):
+    """Position-wise FFN: ``LayerNorm(Dropout(fc2(Dropout(Hardswish(fc1(h))))) + h)``, D -> 4D -> D.
+
+    With ``recompute``, when training on a GPU, the inner part runs as :class:`_RecomputedInnerFFN`,
+    which computes the same values and gradients while keeping, of the hidden layer, only the
+    dropout mask for backward (GPU memory is what limits batch and length there). Otherwise it runs
+    as the plain modules.
+    """
+
+    def __init__(self, d_model: int, dropout: float, recompute: bool = False):
         super().__init__()
+        self.recompute = recompute
         self.fc1 = nn.Linear(d_model, 4 * d_model)
         self.fc2 = nn.Linear(4 * d_model, d_model)
         self.activation = nn.Hardswish()
         self.dropout = nn.Dropout(dropout)
         self.layer_norm = nn.LayerNorm(d_model, eps=1e-12)  # fixed, as upstream: not norm_eps
 
+    def inner(self, h, recompute: bool = False):  # [B L D] -> [B L D]
+        """``fc2(Dropout(Hardswish(fc1(h))))``; ``recompute``: through :class:`_RecomputedInnerFFN`."""
+        if recompute:
+            p = self.dropout.p if self.training else 0.0
+            return _RecomputedInnerFFN.apply(h, self.fc1.weight, self.fc1.bias, self.fc2.weight,
+                                             self.fc2.bias, p)
+        return self.fc2(self.dropout(self.activation(self.fc1(h))))
+
     def forward(self, h):  # [B L D]
-        out = self.dropout(self.fc2(self.dropout(self.activation(self.fc1(h)))))
-        return self.layer_norm(out + h)
+        recompute = self.recompute and h.is_cuda and torch.is_grad_enabled()
+        return self.layer_norm(self.dropout(self.inner(h, recompute)) + h)
 
 
 class TiSSDLayer(nn.Module):
@@ -48,13 +105,13 @@ class TiSSDLayer(nn.Module):
     """
 
     def __init__(self, d_model: int, dropout: float, norm_eps: float, residual: bool, is_ffn: bool,
-                 **ssd_kwargs):
+                 recompute: bool = False, **ssd_kwargs):
         super().__init__()
         self.residual = residual
-        self.ssd = TimeAwareSSD(d_model, norm_eps=norm_eps, **ssd_kwargs)
+        self.ssd = TimeAwareSSD(d_model, norm_eps=norm_eps, recompute=recompute, **ssd_kwargs)
         self.dropout = nn.Dropout(dropout)
         self.layer_norm = nn.LayerNorm(d_model, eps=norm_eps)
-        self.ffn = FeedForward(d_model, dropout) if is_ffn else None
+        self.ffn = FeedForward(d_model, dropout, recompute) if is_ffn else None
 
     def forward(self, x, tau=None):  # x [B L D], tau [B H L]
         out, tau = self.ssd(x, tau)
@@ -119,7 +176,7 @@ class TiM4Rec(ItemScoring, SequentialRecommender):
         self.ssd_layers = nn.ModuleList(
             TiSSDLayer(
                 self.hidden_size, self.dropout_prob, self.norm_eps,
-                residual=self.num_layers > 1, is_ffn=config["is_ffn"],
+                residual=self.num_layers > 1, is_ffn=config["is_ffn"], recompute=config["recompute"],
                 max_seq_length=self.max_seq_length, d_state=config["d_state"],
                 d_conv=config["d_conv"], expand=config["expand"], head_dim=config["head_dim"],
                 chunk_size=config["chunk_size"], is_time=self.is_time,

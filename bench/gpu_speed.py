@@ -1,6 +1,7 @@
 """GPU training speed of TiM4Rec against RecBole's SASRec (the control) and Mamba4Rec, with the floor.
 
-    python bench/gpu_speed.py --data_path=DIR [--settings a,b,c] [--json OUT.json] [--quick] [--profile]
+    python bench/gpu_speed.py --data_path=DIR [--settings a,b,c] [--models TiM4Rec,SASRec,Mamba4Rec]
+        [--json OUT.json] [--quick] [--profile]
 
 DIR holds amazon-sports/ and ml-1m-half/. Settings (upstream's configs):
 (a) amazon-sports, L 50, 64d, batch 2048; (b) ml-1m-half, L 200, 64d, batch 2048;
@@ -204,7 +205,7 @@ def recbole_epoch(config, model, train_data) -> float:
         torch.autograd.set_detect_anomaly(False)
 
 
-def child(setting: str, data_path: str, quick: bool, profile: bool) -> dict:
+def child(setting: str, data_path: str, quick: bool, profile: bool, models=MODELS) -> dict:
     import torch
     from recbole.data import create_dataset, data_preparation
 
@@ -219,13 +220,18 @@ def child(setting: str, data_path: str, quick: bool, profile: bool) -> dict:
            "ssd": {k: config[k] for k in ("num_layers", "d_state", "d_conv", "expand", "head_dim",
                                           "chunk_size", "is_time")},
            "rows": {}}
-    for name in MODELS:
+    for name in models:
         model_config, model_spec = (config, spec) if name == "TiM4Rec" else _config(
             name, setting, data_path)
-        variants = [("eager", False, False), ("graph", True, False)]
+        variants = [("eager", False, False, {}), ("graph", True, False, {})]
         if name == "SASRec":
-            variants.insert(0, ("eager + anomaly", False, True))
-        for label, graph, anomaly in variants:
+            variants.insert(0, ("eager + anomaly", False, True, {}))
+        if name == "TiM4Rec":  # what recomputing activations in backward costs and saves
+            variants.append(("graph, no recompute", True, False, {"recompute": False}))
+        for label, graph, anomaly, changes in variants:
+            saved = {key: model_config[key] for key in changes}
+            for key, value in changes.items():  # for this row only
+                model_config[key] = value
             model = _model(model_spec, model_config, dataset)
             try:
                 row = time_steps(model, batch, graph, anomaly,
@@ -233,7 +239,8 @@ def child(setting: str, data_path: str, quick: bool, profile: bool) -> dict:
             except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
                 row = {"error": " ".join(str(error).split())[:200]}
             # --quick: TiM4Rec's epoch only (the one the epoch bar is about).
-            timed_epoch = (graph and name == "TiM4Rec") or (not quick and (graph or anomaly))
+            timed_epoch = (label == "graph" and name == "TiM4Rec") or (
+                not quick and (graph or anomaly))
             if "error" not in row and timed_epoch:
                 model = _model(model_spec, model_config, dataset)  # fresh weights and optimizer
                 if anomaly:
@@ -246,6 +253,8 @@ def child(setting: str, data_path: str, quick: bool, profile: bool) -> dict:
                 autotune.save()  # its kernel choices, for the next process on this machine
             if name == "Mamba4Rec":
                 row["backend"] = model.backend  # mambapy's scan where mamba-ssm has no CUDA build
+            for key, value in saved.items():
+                model_config[key] = value
             out["rows"][f"{name} {label}"] = row
             print(setting, name, label, json.dumps(row), file=sys.stderr, flush=True)
             del model
@@ -398,6 +407,8 @@ def main(argv=None) -> int:
     parser.add_argument("--data_path")
     parser.add_argument("--settings", default="a,b,c")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help="models to time; TiM4Rec and SASRec (the control) always")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--profile", action="store_true",
                         help="also break TiM4Rec's graph step down by kind of kernel (torch.profiler)")
@@ -418,6 +429,11 @@ def main(argv=None) -> int:
     settings = args.settings.split(",")
     if unknown := [s for s in settings if s not in SETTINGS]:
         parser.error(f"unknown setting(s) {unknown}; choose from {', '.join(SETTINGS)}")
+    models = tuple(args.models.split(","))
+    if unknown := [m for m in models if m not in MODELS]:
+        parser.error(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+    if not {"TiM4Rec", "SASRec"} <= set(models):
+        parser.error("--models must include TiM4Rec and SASRec (the control)")
 
     from pipeline import compat
 
@@ -428,7 +444,7 @@ def main(argv=None) -> int:
         print("gpu_speed: needs a CUDA device", file=sys.stderr)
         return 2
     if args.child or args.first_step:
-        result = (child(args.child, data_path, args.quick, args.profile) if args.child else
+        result = (child(args.child, data_path, args.quick, args.profile, models) if args.child else
                   first_step_child(args.first_step, data_path, shipped=not args.no_shipped))
         args.child_out.write_text(json.dumps(result))
         return 0
@@ -441,7 +457,7 @@ def main(argv=None) -> int:
         result = {"setting": setting}
         if args.phase in ("all", "steps"):
             result = _run_child(["--child", setting, f"--data_path={data_path}"]
-                                + (["--quick"] if args.quick else [])
+                                + (["--quick"] if args.quick else []) + [f"--models={args.models}"]
                                 + (["--profile"] if args.profile else []))
             result["floor"] = floor(result)
             result["upstream"] = UPSTREAM[setting]

@@ -4,14 +4,17 @@ An eager step of a small model issues a few hundred small kernels from Python; w
 finishes them faster than the host launches them, the host sets the pace (TiM4Rec at batch 2048,
 L 50: 22.4 ms eager, 18.4 ms replayed, on an H100; at L 200 the GPU sets it and the two are equal:
 BENCHMARKS.md). Captured once, the step is one graph launch; the kernels, their order and their
-inputs are those of the eager step, so what is computed does not change. Dropout stays random from step to step (PyTorch advances the CUDA
-generator's offset on every replay).
+inputs are those of the eager step, so what is computed does not change. Dropout stays random from
+step to step (PyTorch advances the CUDA generator's offset on every replay).
 
 What a graph needs, and what this module does about it:
 
 - Fixed shapes and addresses: the batch is copied into tensors captured once. The full batch size
   is the first batch's; a batch of another size (the last, partial batch of an epoch) runs
   eagerly, with the same parameters and optimizer.
+- No wait for the host: a batch still on the CPU is pinned and copied into those tensors without
+  blocking, behind the replay before it on the same stream, so the host prepares the next batches
+  while the GPU works (a plain ``.to(device)`` from pageable memory waits for the GPU to go idle).
 - A capturable optimizer: ``capturable=True`` keeps Adam's step count on the GPU.
 - No host synchronisation inside the step: nothing in the models here reads a GPU value on the
   host during training; a model that does fails to capture, and training goes on eagerly with one
@@ -19,15 +22,16 @@ What a graph needs, and what this module does about it:
 - A fixed learning rate: it is baked into the graph; a change of any group's learning rate is
   detected before a replay and the step is captured again.
 
-In a distributed run (only with ``cuda_graph: True``) the graph holds DDP's gradient all-reduce
-too: NCCL calls can be captured. What PyTorch asks for that: DDP built on the stream that warms up
-and captures, and eleven eager DDP steps before the capture. Every rank sees batches of the same
+In a distributed run the graph holds DDP's gradient all-reduce too: NCCL calls can be captured.
+What PyTorch asks for that: DDP built on the stream that warms up and captures, and eleven eager
+DDP steps before the capture. Every rank sees batches of the same
 sizes (DistributedSampler pads the ranks to equal length), so all ranks replay, or all run eagerly,
 at the same step. The graph is released before the process group is destroyed.
 
-``cuda_graph: auto`` captures the step of the models in :data:`VERIFIED_MODELS` on one GPU;
-``True`` captures any model's, on one GPU or several. Not used (the reason is logged once): with
-gradient clipping, mixed precision or an optimizer without ``capturable``.
+``cuda_graph: auto`` captures the step of the models in :data:`VERIFIED_MODELS` on one GPU and of
+those in :data:`VERIFIED_DISTRIBUTED_MODELS` on several; ``True`` captures any model's. Not used
+(the reason is logged once): with gradient clipping, mixed precision or an optimizer without
+``capturable``.
 """
 
 from __future__ import annotations
@@ -39,10 +43,17 @@ import torch
 logger = logging.getLogger(__name__)
 
 # Models whose captured step has been run and checked on a GPU (tests/test_cuda_graph.py,
-# bench/gpu_speed.py): ``cuda_graph: auto`` captures these; ``True`` tries any model.
+# bench/gpu_speed.py), and with DDP on two GPUs (tests/test_distributed.py,
+# bench/ddp_throughput.py): ``cuda_graph: auto`` captures these; ``True`` tries any model.
 VERIFIED_MODELS = ("TiM4Rec", "SASRec", "Mamba4Rec")
+VERIFIED_DISTRIBUTED_MODELS = ("TiM4Rec",)
 WARMUP_STEPS = 2  # eager steps before capturing: library handles, Triton autotuning, optimizer state
 DISTRIBUTED_WARMUP_STEPS = 11  # what DistributedDataParallel needs before its hooks can be captured
+
+
+def auto_captures(model: str, distributed: bool) -> bool:
+    """Whether ``cuda_graph: auto`` captures this model's step (on one GPU, or on several)."""
+    return model in (VERIFIED_DISTRIBUTED_MODELS if distributed else VERIFIED_MODELS)
 
 
 def unsupported_reason(optimizer, *, clip_grad_norm, amp: bool) -> str | None:
@@ -85,6 +96,7 @@ def reset_capturable(optimizer) -> None:
 class GraphedStep:
     """``step(interaction) -> loss`` (a detached GPU scalar): zero_grad, loss, backward, optimizer.
 
+    ``interaction``: a batch on the CPU or on ``device`` (default: the current CUDA device).
     Batches of ``batch_size`` rows (default: the first batch's) are replayed from a graph captured
     at the ``warmup + 1``-th such batch; any other batch, and every batch before, runs eagerly.
     ``stream``: the side stream of the warm-up and the capture (a DDP module must have been built
@@ -92,8 +104,10 @@ class GraphedStep:
     """
 
     def __init__(self, loss_func, optimizer, batch_size: int | None = None,
-                 warmup: int = WARMUP_STEPS, stream=None):
+                 warmup: int = WARMUP_STEPS, stream=None, device=None):
         self.loss_func = loss_func
+        self.device = torch.device(device) if device is not None else torch.device(
+            "cuda", torch.cuda.current_device())
         self.optimizer = optimizer
         self.batch_size = batch_size
         self.warmup = warmup
@@ -110,6 +124,7 @@ class GraphedStep:
         return [group["lr"] for group in self.optimizer.param_groups]
 
     def _eager(self, interaction):
+        interaction = interaction.to(self.device)
         # Once captured, keep the gradient tensors: the graph's backward writes into them, so that
         # ``param.grad`` is always the last step's gradient, whichever way that step ran.
         self.optimizer.zero_grad(set_to_none=self.graph is None)
@@ -140,7 +155,8 @@ class GraphedStep:
     def _capture(self, interaction):
         from recbole.data.interaction import Interaction
 
-        self.static_batch = Interaction({k: v.clone() for k, v in interaction.interaction.items()})
+        self.static_batch = Interaction(
+            {k: v.to(self.device, copy=True) for k, v in interaction.interaction.items()})
         self.graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)  # gradients are then allocated by the graph
         torch.cuda.synchronize()
@@ -184,6 +200,8 @@ class GraphedStep:
                 torch.cuda.synchronize()
                 return self._eager(interaction)
         for key, value in self.static_batch.interaction.items():
-            value.copy_(interaction[key], non_blocking=True)
+            source = interaction[key]
+            value.copy_(source.pin_memory() if source.device.type == "cpu" else source,
+                        non_blocking=True)
         self.graph.replay()
         return self.static_loss

@@ -181,6 +181,12 @@ def free_port() -> int:
 def _worker(local_rank: int, nproc: int, port: int, target, args) -> None:
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(nproc),
                       LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        # Each process would take a thread per core: N processes would oversubscribe the cores N
+        # times, and the batches they collate on the CPU would wait on each other's threads.
+        torch.set_num_threads(max(1, torch.get_num_threads() // nproc))
     target(*args)
 
 

@@ -89,14 +89,17 @@ class ProjectTrainer(Trainer):
         self.distributed_loss = None  # the loss as a DDP module, in a distributed run
         self._graphed = None  # the CUDA-graph step, built at the first epoch where it is used
         self._graph_stream = None  # the side stream of its warm-up and capture, where it is used
-        # auto: one GPU, and models whose captured step has been checked on a GPU. A distributed
-        # run's graph holds NCCL calls: opt-in (True) until verified as thoroughly as on one GPU.
+        # auto: the models whose captured step has been checked on one GPU, or with DDP on several.
         wanted = config["cuda_graph"] is True
         if config["cuda_graph"] == "auto" and self.device.type == "cuda":
-            wanted = not distributed.active() and config["model"] in cuda_graph.VERIFIED_MODELS
+            several = distributed.active()
+            wanted = cuda_graph.auto_captures(config["model"], several)
             if not wanted:
-                self.logger.info("CUDA graph not used: cuda_graph auto is for one GPU and the models "
-                                 f"{', '.join(cuda_graph.VERIFIED_MODELS)}; True tries it here")
+                checked = (cuda_graph.VERIFIED_DISTRIBUTED_MODELS if several
+                           else cuda_graph.VERIFIED_MODELS)
+                where = "with several GPUs" if several else "on one GPU"
+                self.logger.info(f"CUDA graph not used: cuda_graph auto is for "
+                                 f"{', '.join(checked)} {where}; True tries it here")
         if self.device.type == "cuda" and wanted:
             reason = cuda_graph.unsupported_reason(
                 self.optimizer, clip_grad_norm=self.clip_grad_norm,
@@ -134,10 +137,10 @@ class ProjectTrainer(Trainer):
         batches = tqdm(train_data, total=len(train_data), ncols=100, leave=False,
                        desc=set_color(f"Train {epoch_idx:>5}", "pink"), disable=not show_progress)
         for interaction in batches:
-            interaction = interaction.to(self.device)
-            if graphed is not None:
+            if graphed is not None:  # takes the batch from the CPU itself, without waiting
                 total += graphed(interaction)
                 continue
+            interaction = interaction.to(self.device)
             self.optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type=self.device.type, enabled=self.enable_amp):
                 loss = loss_func(interaction)
@@ -176,7 +179,7 @@ class ProjectTrainer(Trainer):
                 self.distributed_loss or self.model.calculate_loss, self.optimizer,
                 warmup=(cuda_graph.DISTRIBUTED_WARMUP_STEPS if distributed.active()
                         else cuda_graph.WARMUP_STEPS),
-                stream=self._graph_stream)
+                stream=self._graph_stream, device=self.device)
         return self._graphed
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):

@@ -20,7 +20,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available() or triton_unavailable_re
                           reason="needs CUDA and mamba-ssm's Triton kernels")
 
 
-def batch_of(rows, seed, length=50):
+def batch_of(rows, seed, length=50, device="cuda"):
     from recbole.data.interaction import Interaction
 
     g = torch.Generator().manual_seed(seed)
@@ -30,7 +30,7 @@ def batch_of(rows, seed, length=50):
     gaps = torch.randint(60, 10**6, (rows, length), generator=g)
     times = (1e9 + gaps.cumsum(1)).float().masked_fill(pad, 0)
     return Interaction({"item_id_list": items, "item_length": lengths, "timestamp_list": times,
-                        "item_id": torch.randint(1, N_ITEMS, (rows,), generator=g)}).to("cuda")
+                        "item_id": torch.randint(1, N_ITEMS, (rows,), generator=g)}).to(device)
 
 
 def rel(a, b):
@@ -76,13 +76,16 @@ def test_a_capturable_state_resumes_on_the_cpu():
 
 
 @cuda
+@pytest.mark.parametrize("source", ["cuda", "cpu"])
 @pytest.mark.parametrize("is_time", [True, False])
-def test_replayed_step_equals_eager_step(is_time):
-    """From the same weights, optimizer state and random seed, a replay of the captured step gives
-    the eager step's loss, gradients and Adam moments (float32 tolerance), for a new batch copied
-    into the graph; a partial batch in between runs eagerly and leaves the graph usable."""
+def test_replayed_steps_equal_eager_steps(is_time, source):
+    """From the same weights, optimizer state and random seed, replays of the captured step give
+    the eager steps' losses, gradients and Adam moments (float32 tolerance), for new batches copied
+    into the graph (from the CPU: queued without waiting, one behind the other); a partial batch in
+    between runs eagerly and leaves the graph usable."""
     config = make_config(device=torch.device("cuda"), ssd_backend="triton", MAX_ITEM_LIST_LENGTH=50,
-                         hidden_size=64, d_state=32, head_dim=32, chunk_size=32, is_time=is_time)
+                         hidden_size=64, d_state=32, head_dim=32, chunk_size=32, is_time=is_time,
+                         recompute=True)  # the capture holds the recomputation in backward too
     torch.manual_seed(0)
     model = TiM4Rec(config, FakeDataset()).cuda().train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -90,24 +93,30 @@ def test_replayed_step_equals_eager_step(is_time):
     for i in range(WARMUP_STEPS + 1):  # warm-up, then capture (and replay) on the last
         step(batch_of(64, seed=i))
     assert step.graph is not None and not step.failed
-    assert torch.isfinite(step(batch_of(17, seed=10)))  # partial batch: eager
+    assert torch.isfinite(step(batch_of(17, seed=10, device=source)))  # partial batch: eager
 
     twin = copy.deepcopy(model)
     twin_optimizer = torch.optim.Adam(twin.parameters(), lr=1e-3, capturable=True)
-    twin_optimizer.load_state_dict(optimizer.state_dict())
-    batch = batch_of(64, seed=20)
+    # A copy: loading keeps tensors that already sit on the right device, so the two optimizers
+    # would otherwise share (and both update) the same moment tensors.
+    twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    batches = [batch_of(64, seed=20 + i, device=source) for i in range(3)]
 
     torch.cuda.manual_seed(123)
-    loss = step(batch).clone()
+    losses = [step(batch).clone() for batch in batches]  # no synchronisation in between
     grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
 
     torch.cuda.manual_seed(123)
-    twin_optimizer.zero_grad(set_to_none=True)
-    twin_loss = twin.calculate_loss(batch)
-    twin_loss.backward()
-    twin_optimizer.step()
+    twin_losses = []
+    for batch in batches:
+        twin_optimizer.zero_grad(set_to_none=True)
+        twin_loss = twin.calculate_loss(batch.to("cuda"))
+        twin_loss.backward()
+        twin_optimizer.step()
+        twin_losses.append(twin_loss.detach())
 
-    assert abs(loss.item() - twin_loss.item()) <= 1e-5 * abs(twin_loss.item())
+    for loss, twin_loss in zip(losses, twin_losses):
+        assert abs(loss.item() - twin_loss.item()) <= 1e-5 * abs(twin_loss.item())
     for (name, p), g, q in zip(model.named_parameters(), grads, twin.parameters()):
         assert (g is None) == (q.grad is None), name
         if q.grad is None or q.grad.norm() == 0:

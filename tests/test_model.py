@@ -99,6 +99,43 @@ def test_without_time_skips_time_weights_of_an_upstream_checkpoint():
         make_model(is_time=True).load_state_dict(model.state_dict())
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3, 1.0])
+def test_recomputed_ffn_equals_the_plain_modules(dropout):
+    """The FFN that recomputes its hidden layer in backward gives the plain modules' output and
+    gradients (float64), with the same dropout mask from the same random state."""
+    from tim4rec import FeedForward
+
+    torch.manual_seed(0)
+    ffn = FeedForward(6, dropout).to(torch.float64).train()
+    for p in ffn.parameters():
+        p.data.normal_()
+    h = torch.randn(3, 5, 6, dtype=torch.float64)
+    results = []
+    for recompute in (False, True):
+        torch.manual_seed(1)
+        x = h.clone().requires_grad_()
+        out = ffn.inner(x, recompute)
+        (out * torch.arange(6.0, dtype=torch.float64)).sum().backward()
+        grads = [p.grad for p in ffn.parameters() if p.grad is not None]
+        results.append([out.detach(), x.grad, *grads])
+        ffn.zero_grad(set_to_none=True)
+    plain, recomputed = results
+    assert len(plain) == len(recomputed) == 6
+    for a, b in zip(plain, recomputed):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+    if dropout:  # the mask was in use: not the output without dropout
+        assert not torch.allclose(plain[0], ffn.eval().inner(h))
+
+
+def test_recomputed_ffn_gradients_by_finite_differences():
+    from tim4rec import _RecomputedInnerFFN
+
+    torch.manual_seed(0)
+    inputs = [torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+              for shape in [(2, 3, 4), (8, 4), (8,), (4, 8), (4,)]]
+    assert torch.autograd.gradcheck(lambda *t: _RecomputedInnerFFN.apply(*t, 0.0), inputs)
+
+
 def test_shapes_and_loss():
     model = make_model(dtype=torch.float32).train()
     items, lengths, times = make_batch()
@@ -166,15 +203,20 @@ def test_bad_hyperparameters_fail_at_construction(overrides, dataset_has_time, m
                     reason="needs CUDA and mamba-ssm's Triton kernels")
 @pytest.mark.parametrize("case", ["movie_64d", "without_time"])
 def test_triton_model_matches_torch_model_on_gpu(case):
-    """Same weights and batch: the Triton path's scores and loss gradient equal the PyTorch path's."""
+    """Same weights and batch: the Triton path's scores and loss gradient equal the PyTorch path's,
+    and both equal those of the plain model on the CPU in float64 (on the GPU, the FFN and the
+    convolution are recomputed in backward)."""
     overrides = dict(PARITY_CASES[case], device=torch.device("cuda"), MAX_ITEM_LIST_LENGTH=50,
-                     hidden_size=64, d_state=32, head_dim=32, chunk_size=32)
+                     hidden_size=64, d_state=32, head_dim=32, chunk_size=32, recompute=True)
     models = {}
     for backend in ("torch", "triton"):
         torch.manual_seed(0)
         models[backend] = TiM4Rec(make_config(ssd_backend=backend, **overrides),
                                   FakeDataset()).cuda().eval()
     models["triton"].load_state_dict(models["torch"].state_dict())
+    on_cpu = {**overrides, "device": torch.device("cpu"), "ssd_backend": "torch"}
+    models["cpu"] = TiM4Rec(make_config(**on_cpu), FakeDataset()).to(torch.float64).eval()
+    models["cpu"].load_state_dict(models["torch"].state_dict())
     g = torch.Generator().manual_seed(2)
     lengths = torch.randint(1, 51, (64,), generator=g)
     pad = torch.arange(50) >= lengths[:, None]
@@ -184,9 +226,13 @@ def test_triton_model_matches_torch_model_on_gpu(case):
              "timestamp_list": times.cuda(), "item_id": torch.randint(1, N_ITEMS, (64,)).cuda()}
     scores, grads = {}, {}
     for backend, model in models.items():
-        scores[backend] = model.full_sort_predict(batch)
-        model.calculate_loss(batch).backward()
-        grads[backend] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        on = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
+        scores[backend] = model.full_sort_predict(on).float().cpu()
+        model.calculate_loss(on).backward()
+        grads[backend] = torch.cat([p.grad.flatten() for p in model.parameters()
+                                    if p.grad is not None]).float().cpu()
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
     assert rel(scores["triton"], scores["torch"]) < 1e-4
+    assert rel(scores["torch"], scores["cpu"]) < 1e-4
+    assert rel(grads["torch"], grads["cpu"]) < 1e-4
     assert rel(grads["triton"], grads["torch"]) < 1e-2  # TF32 inside the Triton kernels
