@@ -426,14 +426,14 @@ class TimeAwareSSD(nn.Module):
     def scan_chunk_size(self, x) -> int:
         """``chunk_size`` for the Triton kernel; for the PyTorch scan, a sequence of up to
         ``WHOLE_SEQUENCE_CHUNK`` steps is one chunk: no padding to a multiple of the chunk and no
-        pass between chunks (0.5-0.7 of the time on a CPU at L 50: bench/cpu_parts.py). Chunking orders the floating-point
-        operations; it does not change what is computed."""
+        pass between chunks (0.5-0.7 of the time on a CPU at L 50: bench/cpu_parts.py). Chunking
+        orders the floating-point operations; it does not change what is computed."""
         seqlen = x.shape[1]
         if uses_triton(self.backend, x) or seqlen > WHOLE_SEQUENCE_CHUNK:
             return self.chunk_size
         return max(seqlen, 1)
 
-    def conv_activation(self, xBC):  # [B L E+2N] -> [B L E+2N]
+    def convolve(self, xBC):  # [B L E+2N] -> [B L E+2N]
         """The causal depthwise convolution over the sequence, then the activation."""
         return self.activation(self.conv1d(xBC.transpose(1, 2)).transpose(1, 2))
 
@@ -456,10 +456,9 @@ class TimeAwareSSD(nn.Module):
             # Computed again in backward, so that none of what the convolution and the activation
             # keep for it stays in memory (the activation's input alone is [B L E+2N] a layer).
             # Nothing random inside: no random state to keep either.
-            xBC = checkpoint(self.conv_activation, xBC, use_reentrant=False,
-                             preserve_rng_state=False)
+            xBC = checkpoint(self.convolve, xBC, use_reentrant=False, preserve_rng_state=False)
         else:
-            xBC = self.conv_activation(xBC)  # [B L E+2N]
+            xBC = self.convolve(xBC)  # [B L E+2N]
         x, B, C = torch.split(xBC, [E, N, N], dim=-1)
 
         tau_next = None

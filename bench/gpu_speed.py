@@ -227,7 +227,7 @@ def child(setting: str, data_path: str, quick: bool, profile: bool, models=MODEL
         if name == "SASRec":
             variants.insert(0, ("eager + anomaly", False, True, {}))
         if name == "TiM4Rec":  # what recomputing activations in backward costs and saves
-            variants.append(("graph, no recompute", True, False, {"recompute": False}))
+            variants.append(("graph, recompute", True, False, {"recompute": True}))
         for label, graph, anomaly, changes in variants:
             saved = {key: model_config[key] for key in changes}
             for key, value in changes.items():  # for this row only

@@ -51,9 +51,17 @@ WARMUP_STEPS = 2  # eager steps before capturing: library handles, Triton autotu
 DISTRIBUTED_WARMUP_STEPS = 11  # what DistributedDataParallel needs before its hooks can be captured
 
 
-def auto_captures(model: str, distributed: bool) -> bool:
-    """Whether ``cuda_graph: auto`` captures this model's step (on one GPU, or on several)."""
-    return model in (VERIFIED_DISTRIBUTED_MODELS if distributed else VERIFIED_MODELS)
+def reason_not_captured(setting, model: str, distributed: bool, optimizer, *, clip_grad_norm,
+                        amp: bool) -> str | None:
+    """Why a GPU run with ``cuda_graph: setting`` (auto, True, False) keeps the eager step, or None
+    when its step is captured."""
+    if setting is False:
+        return "cuda_graph is False"
+    checked = VERIFIED_DISTRIBUTED_MODELS if distributed else VERIFIED_MODELS
+    if setting == "auto" and model not in checked:
+        where = "with several GPUs" if distributed else "on one GPU"
+        return f"cuda_graph auto is for {', '.join(checked)} {where}; True tries it here"
+    return unsupported_reason(optimizer, clip_grad_norm=clip_grad_norm, amp=amp)
 
 
 def unsupported_reason(optimizer, *, clip_grad_norm, amp: bool) -> str | None:

@@ -89,21 +89,10 @@ class ProjectTrainer(Trainer):
         self.distributed_loss = None  # the loss as a DDP module, in a distributed run
         self._graphed = None  # the CUDA-graph step, built at the first epoch where it is used
         self._graph_stream = None  # the side stream of its warm-up and capture, where it is used
-        # auto: the models whose captured step has been checked on one GPU, or with DDP on several.
-        wanted = config["cuda_graph"] is True
-        if config["cuda_graph"] == "auto" and self.device.type == "cuda":
-            several = distributed.active()
-            wanted = cuda_graph.auto_captures(config["model"], several)
-            if not wanted:
-                checked = (cuda_graph.VERIFIED_DISTRIBUTED_MODELS if several
-                           else cuda_graph.VERIFIED_MODELS)
-                where = "with several GPUs" if several else "on one GPU"
-                self.logger.info(f"CUDA graph not used: cuda_graph auto is for "
-                                 f"{', '.join(checked)} {where}; True tries it here")
-        if self.device.type == "cuda" and wanted:
-            reason = cuda_graph.unsupported_reason(
-                self.optimizer, clip_grad_norm=self.clip_grad_norm,
-                amp=self.enable_amp or self.enable_scaler)
+        if self.device.type == "cuda":
+            reason = cuda_graph.reason_not_captured(
+                config["cuda_graph"], config["model"], distributed.active(), self.optimizer,
+                clip_grad_norm=self.clip_grad_norm, amp=self.enable_amp or self.enable_scaler)
             if reason is None:
                 self._graph_stream = torch.cuda.Stream()
             else:
@@ -114,7 +103,8 @@ class ProjectTrainer(Trainer):
             # static_graph: the same parameters take part in every step, and those that never do
             # (the time gate of TiM4Rec's last layer, whose output nothing reads) are found once.
             # Built on the capture stream, as CUDA graphs of DDP steps require.
-            with torch.cuda.stream(self._graph_stream) if self._graph_stream else contextlib.nullcontext():
+            stream = self._graph_stream
+            with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
                 self.distributed_loss = DistributedDataParallel(
                     _Loss(model), device_ids=[self.device] if self.device.type == "cuda" else None,
                     static_graph=True)

@@ -9,6 +9,7 @@ from pipeline.cuda_graph import (
     WARMUP_STEPS,
     GraphedStep,
     make_capturable,
+    reason_not_captured,
     reset_capturable,
     unsupported_reason,
 )
@@ -44,6 +45,23 @@ def test_unsupported_reasons():
     assert "clip" in unsupported_reason(adam, clip_grad_norm={"max_norm": 1}, amp=False)
     assert "mixed precision" in unsupported_reason(adam, clip_grad_norm=None, amp=True)
     assert "SGD" in unsupported_reason(sgd, clip_grad_norm=None, amp=False)
+
+
+def test_which_runs_capture_their_step():
+    adam = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
+
+    def reason(setting, model, distributed, clip=None):
+        return reason_not_captured(setting, model, distributed, adam, clip_grad_norm=clip,
+                                   amp=False)
+
+    assert reason("auto", "TiM4Rec", False) is None
+    assert reason("auto", "TiM4Rec", True) is None
+    assert reason("auto", "SASRec", False) is None
+    assert "several GPUs" in reason("auto", "SASRec", True)
+    assert "one GPU" in reason("auto", "BERT4Rec", False)
+    assert reason(True, "BERT4Rec", True) is None
+    assert "False" in reason(False, "TiM4Rec", False)
+    assert "clip" in reason(True, "TiM4Rec", False, clip={"max_norm": 1})
 
 
 def test_a_capturable_state_resumes_on_the_cpu():
