@@ -147,6 +147,7 @@ def train(model: str | None = None, config_files=(), overrides: dict | None = No
             result["replica_digests"] = replicas  # the final weights of each rank, hashed
         if main:
             run.results.write_text(json.dumps(result, indent=1))  # what report.py reads
+        distributed.barrier()  # all ranks leave the process group together (shutdown, below)
         return result
     except BaseException as error:
         log.record_failure(error)
