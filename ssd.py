@@ -29,12 +29,13 @@ import logging
 import math
 import sys
 import types
-from functools import lru_cache
+from collections.abc import Callable
+from functools import cache
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 BACKENDS = ("auto", "triton", "torch")
 WHOLE_SEQUENCE_CHUNK = 64  # the PyTorch scan takes sequences up to this long as a single chunk
@@ -47,9 +48,9 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=None)
-def load_triton_ops() -> tuple:
-    """Return ``(mamba_chunk_scan_combined, rmsnorm_fn)`` from mamba-ssm, or raise ImportError.
+@cache
+def triton_modules() -> tuple:
+    """mamba-ssm's modules ``(ssd_combined, layernorm_gated)``, or raise ImportError.
 
     Imports the two Triton modules without executing ``mamba_ssm/__init__.py`` when that fails,
     by registering a bare package object whose search path is the installed package's folder.
@@ -79,6 +80,12 @@ def load_triton_ops() -> tuple:
 
         autotune.restore()
         atexit.register(autotune.save)
+    return ssd_combined, layernorm_gated
+
+
+def load_triton_ops() -> tuple:
+    """Return ``(mamba_chunk_scan_combined, rmsnorm_fn)`` from mamba-ssm, or raise ImportError."""
+    ssd_combined, layernorm_gated = triton_modules()
     return ssd_combined.mamba_chunk_scan_combined, layernorm_gated.rmsnorm_fn
 
 
@@ -312,6 +319,167 @@ class GatedRMSNorm(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
+# The block after in_proj as one autograd node
+# --------------------------------------------------------------------------------------------------
+
+
+class BlockKernels(NamedTuple):
+    """Forward and backward of the SSD scan and of the gated RMSNorm, as :class:`FusedSSDBlock`
+    calls them: mamba-ssm's Triton functions (:func:`triton_block_kernels`) or the PyTorch
+    references differentiated by autograd (:func:`torch_block_kernels`).
+
+    ``scan_fwd(x, dt, A, B, C, chunk, D, dt_bias, dt_limit) -> y`` (softplus on ``dt + dt_bias``);
+    ``scan_bwd(dy, x, dt, A, B, C, y, chunk, D, dt_bias, dt_limit, dx, ddt, dB, dC) -> (dA, dD,
+    ddt_bias)``, writing the other gradients into the four given tensors;
+    ``norm_fwd(y, z, weight, eps) -> (out, rstd)`` on [T E] rows (``rstd`` may be None);
+    ``norm_bwd(dout, y, z, weight, eps, rstd, dz) -> (dy, dweight, out)``, writing dz, and giving
+    the forward's output again.
+    """
+
+    scan_fwd: Callable
+    scan_bwd: Callable
+    norm_fwd: Callable
+    norm_bwd: Callable
+
+
+@cache
+def triton_block_kernels() -> BlockKernels:
+    """mamba-ssm's own forward and backward functions (those its fused Mamba-2 block calls)."""
+    ssd_combined, layernorm_gated = triton_modules()
+
+    def scan_fwd(x, dt, A, B, C, chunk, D, dt_bias, dt_limit):
+        return ssd_combined._mamba_chunk_scan_combined_fwd(
+            x, dt, A, B, C, chunk, D=D, dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit)[0]
+
+    def scan_bwd(dy, x, dt, A, B, C, y, chunk, D, dt_bias, dt_limit, dx, ddt, dB, dC):
+        grads = ssd_combined._mamba_chunk_scan_combined_bwd(
+            dy, x, dt, A, B, C, y, chunk, D=D, dt_bias=dt_bias, dt_softplus=True,
+            dt_limit=dt_limit, dx=dx, ddt=ddt, dB=dB, dC=dC)
+        _, _, dA, _, _, dD, _, ddt_bias, _ = grads
+        return dA, dD, ddt_bias
+
+    def norm_fwd(y, z, weight, eps):
+        out, _, rstd = layernorm_gated._layer_norm_fwd(
+            y, weight, None, eps, z=z, norm_before_gate=False, is_rms_norm=True)
+        return out, rstd
+
+    def norm_bwd(dout, y, z, weight, eps, rstd, dz):
+        dy, dweight, _, _, out = layernorm_gated._layer_norm_bwd(
+            dout, y, weight, None, eps, None, rstd, z=z, norm_before_gate=False, is_rms_norm=True,
+            recompute_output=True, dz=dz)
+        return dy, dweight, out
+
+    return BlockKernels(scan_fwd, scan_bwd, norm_fwd, norm_bwd)
+
+
+def torch_block_kernels() -> BlockKernels:
+    """The same four functions from :func:`chunk_scan_torch` and :func:`gated_rmsnorm_ref`
+    (backward by autograd, forward again): the reference that tests hold the Triton ones to."""
+
+    def scan(x, dt, A, B, C, chunk, D, dt_bias, dt_limit):
+        return chunk_scan_torch(x, dt, A, B, C, chunk, D=D, dt_bias=dt_bias, dt_softplus=True,
+                                dt_limit=dt_limit)
+
+    def scan_bwd(dy, x, dt, A, B, C, y, chunk, D, dt_bias, dt_limit, dx, ddt, dB, dC):
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (x, dt, A, B, C, D, dt_bias)]
+            y = scan(*leaves[:5], chunk, leaves[5], leaves[6], dt_limit)
+            grads = torch.autograd.grad(y, leaves, dy)
+        for given, grad in zip((dx, ddt, dB, dC), (grads[0], grads[1], grads[3], grads[4])):
+            given.copy_(grad)
+        return grads[2], grads[5], grads[6]
+
+    def norm_fwd(y, z, weight, eps):
+        return gated_rmsnorm_ref(y, z, weight, eps), None
+
+    def norm_bwd(dout, y, z, weight, eps, rstd, dz):
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (y, z, weight)]
+            out = gated_rmsnorm_ref(*leaves, eps)
+            dy, dz_, dweight = torch.autograd.grad(out, leaves, dout)
+        dz.copy_(dz_)
+        return dy, dweight, out.detach()
+
+    return BlockKernels(scan, scan_bwd, norm_fwd, norm_bwd)
+
+
+class FusedSSDBlock(torch.autograd.Function):
+    """:class:`TimeAwareSSD` from in_proj's output to out_proj's, as one autograd node.
+
+    ``apply(zxbcdt, gate, conv_weight, conv_bias, A, D, dt_bias, norm_weight, out_weight, out_bias,
+    block, kernels)``: ``zxbcdt`` [B L 2E+2N+H] is in_proj's output, ``gate`` [B L H] the time
+    gate of the step sizes (or None); ``block`` gives the sizes and settings; returns [B L D].
+
+    The same operations as the module path (convolution and activation, scan, gated RMSNorm,
+    out_proj) with the same kernels, kept differently for backward. Autograd would keep, per
+    layer, the convolution's output, its activation, copies of x, B and C made contiguous for the
+    scan, and the norm's output: about 2.2 times in_proj's output. This node keeps in_proj's
+    output, the scan's output and the norm's 1/rms, and computes the convolution, the activation
+    and the norm's output again in backward (mamba-ssm's norm backward does the latter in its
+    kernel). The scan's gradients of x, B and C land in one tensor, and all of in_proj's output's
+    gradients in another, with no concatenation. mamba-ssm's fused Mamba-2 block does the same,
+    but needs the compiled causal-conv1d, has no time gate, and uses SiLU only.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, zxbcdt, gate, conv_weight, conv_bias, A, D, dt_bias, norm_weight, out_weight,
+                out_bias, block, kernels):
+        batch, seqlen, _ = zxbcdt.shape
+        z, xBC, dt = block.split_projection(zxbcdt)
+        x, B, C = block.split_conv_output(block.convolve_channels_last(xBC, conv_weight, conv_bias))
+        if gate is not None:
+            dt = dt * gate  # [B L H]
+        y = kernels.scan_fwd(x, dt, A, B, C, block.chunk_size, D, dt_bias, block.dt_limit)
+        normed, rstd = kernels.norm_fwd(y.reshape(-1, block.d_inner), z.reshape(-1, block.d_inner),
+                                        norm_weight, block.norm.eps)  # [T E]
+        ctx.save_for_backward(zxbcdt, gate, conv_weight, conv_bias, A, D, dt_bias, norm_weight,
+                              out_weight, y, rstd)
+        ctx.block, ctx.kernels, ctx.has_out_bias = block, kernels, out_bias is not None
+        return F.linear(normed, out_weight, out_bias).view(batch, seqlen, -1)  # [B L D]
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dout):  # [B L D]
+        (zxbcdt, gate, conv_weight, conv_bias, A, D, dt_bias, norm_weight, out_weight, y,
+         rstd) = ctx.saved_tensors
+        block, kernels = ctx.block, ctx.kernels
+        E = block.d_inner
+        z, xBC, dt_in = block.split_projection(zxbcdt)
+        dzxbcdt = torch.empty_like(zxbcdt)
+        dz, dxBC, ddt_in = block.split_projection(dzxbcdt)
+
+        # out_proj, then the gated norm (its output computed again, for out_proj's weight)
+        dout = dout.reshape(-1, dout.shape[-1])  # [T D]
+        dy, dnorm_weight, normed = kernels.norm_bwd(
+            dout @ out_weight, y.reshape(-1, E), z.reshape(-1, E), norm_weight, block.norm.eps,
+            rstd, dz.reshape(-1, E))
+        dout_weight = dout.t() @ normed
+        dout_bias = dout.sum(0) if ctx.has_out_bias else None
+        del normed
+
+        # the convolution and its activation again, then the scan's backward into one tensor
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (xBC, conv_weight, conv_bias)]
+            conv_out = block.convolve_channels_last(*leaves)  # [B L E+2N]
+        dconv_out = torch.empty_like(conv_out)
+        dx, dB, dC = block.split_conv_output(dconv_out)
+        dt = dt_in if gate is None else dt_in * gate
+        ddt = ddt_in if gate is None else torch.empty_like(dt)
+        x, B, C = block.split_conv_output(conv_out.detach())
+        dA, dD, ddt_bias = kernels.scan_bwd(dy.view_as(x), x, dt, A, B, C, y, block.chunk_size, D,
+                                            dt_bias, block.dt_limit, dx, ddt, dB, dC)
+        dgate = None
+        if gate is not None:
+            torch.mul(ddt, gate, out=ddt_in)
+            dgate = ddt * dt_in
+        dxBC_, dconv_weight, dconv_bias = torch.autograd.grad(conv_out, leaves, dconv_out)
+        dxBC.copy_(dxBC_)
+        return (dzxbcdt, dgate, dconv_weight, dconv_bias, dA, dD, ddt_bias, dnorm_weight,
+                dout_weight, dout_bias, None, None)
+
+
+# --------------------------------------------------------------------------------------------------
 # TiM4Rec's time-aware SSD block
 # --------------------------------------------------------------------------------------------------
 
@@ -327,15 +495,20 @@ class CausalConv1d(nn.Conv1d):
         super().__init__(channels, channels, kernel_size, groups=channels, padding=kernel_size - 1)
 
     def forward(self, x):  # [B C L] -> [B C L]
-        length = x.shape[-1]
-        if x.device.type == "cpu" and x.stride(1) == 1:
-            # x is a [B L C] tensor seen as [B C L]. On the CPU, the same convolution as a 2-D one
-            # over that channels-last layout runs forward and backward in half the time, with no
-            # copy into [B C L]; the result is again channels-last ([B L C] memory).
-            out = F.conv2d(x.unsqueeze(2), self.weight.unsqueeze(2), self.bias,
-                           padding=(0, self.padding[0]), groups=self.groups)  # [B C 1 L+K-1]
-            return out.squeeze(2)[..., :length]
-        return super().forward(x)[..., :length]
+        return causal_conv1d(x, self.weight, self.bias)
+
+
+def causal_conv1d(x, weight, bias):
+    """The depthwise causal convolution of :class:`CausalConv1d`: x [B C L], weight [C 1 K] -> [B C L]."""
+    length, width = x.shape[-1], weight.shape[-1]
+    if x.device.type == "cpu" and x.stride(1) == 1:
+        # x is a [B L C] tensor seen as [B C L]. On the CPU, the same convolution as a 2-D one
+        # over that channels-last layout runs forward and backward in half the time, with no
+        # copy into [B C L]; the result is again channels-last ([B L C] memory).
+        out = F.conv2d(x.unsqueeze(2), weight.unsqueeze(2), bias, padding=(0, width - 1),
+                       groups=x.shape[1])  # [B C 1 L+K-1]
+        return out.squeeze(2)[..., :length]
+    return F.conv1d(x, weight, bias, padding=width - 1, groups=x.shape[1])[..., :length]
 
 
 class TimeAwareSSD(nn.Module):
@@ -349,8 +522,9 @@ class TimeAwareSSD(nn.Module):
     shipped configuration (their code uses SiLU only when causal-conv1d is installed and the head count
     is a multiple of 8). Set ``conv_activation="silu"`` for Mamba-2's usual activation.
 
-    ``recompute``: when training on a GPU, the convolution and its activation are computed again in
-    backward rather than kept (less memory, a slower step, the same values).
+    ``fused``: where mamba-ssm's Triton kernels run, everything after in_proj runs as one autograd
+    node, :class:`FusedSSDBlock` (the same kernels and values, a third less memory for the layer);
+    ``fused=False`` runs the same kernels as separate modules, the reference it is tested against.
 
     With ``is_time=False, conv_activation="silu", bias=False`` this is mamba-ssm's ``Mamba2`` mixer
     with its defaults (one B/C group, projections without bias), as SSD4Rec uses it.
@@ -362,7 +536,7 @@ class TimeAwareSSD(nn.Module):
                  conv_activation: str = "hardswish", bias: bool = True, dt_min: float = 0.001,
                  dt_max: float = 0.1, dt_init_floor: float = 1e-4, A_init_range: tuple = (1, 16),
                  dt_limit: tuple = (0.0, float("inf")), backend: str = "auto",
-                 recompute: bool = False):
+                 fused: bool = True):
         super().__init__()
         d_inner = expand * d_model
         if d_inner % head_dim:
@@ -377,7 +551,7 @@ class TimeAwareSSD(nn.Module):
         self.nheads = d_inner // head_dim
         self.chunk_size, self.dt_limit, self.backend = chunk_size, tuple(dt_limit), backend
         self.is_time = is_time
-        self.recompute = recompute
+        self.fused = fused
         self.activation = nn.Hardswish() if conv_activation == "hardswish" else nn.SiLU()
 
         # z [E], xBC [E + 2N], dt [H]
@@ -437,6 +611,19 @@ class TimeAwareSSD(nn.Module):
         """The causal depthwise convolution over the sequence, then the activation."""
         return self.activation(self.conv1d(xBC.transpose(1, 2)).transpose(1, 2))
 
+    def convolve_channels_last(self, xBC, weight, bias):  # [B L E+2N] -> [B L E+2N], contiguous
+        """:meth:`convolve` with the given weights, laid out as the scan reads x, B and C."""
+        return self.activation(causal_conv1d(xBC.transpose(1, 2), weight, bias)).transpose(
+            1, 2).contiguous()
+
+    def split_projection(self, zxbcdt):  # [B L 2E+2N+H] -> z [B L E], xBC [B L E+2N], dt [B L H]
+        return torch.split(zxbcdt, [self.d_inner, self.d_inner + 2 * self.d_state, self.nheads],
+                           dim=-1)
+
+    def split_conv_output(self, xBC):  # [B L E+2N] -> x [B L H P], B and C [B L 1 N] (views)
+        x, B, C = torch.split(xBC, [self.d_inner, self.d_state, self.d_state], dim=-1)
+        return x.unflatten(-1, (self.nheads, self.head_dim)), B.unsqueeze(2), C.unsqueeze(2)
+
     def time_step_gate(self, tau):
         """``g = Hardswish(conv2(Hardswish(conv1(tau * MLP(tau)))))`` [B H L]: the per-step dt factor."""
         g = tau * self.mlp4time_scale(tau)
@@ -449,16 +636,12 @@ class TimeAwareSSD(nn.Module):
         return self.time_layer_norm(r * tau + (1 - r) * g)
 
     def forward(self, u, tau=None):
+        if self.fused and uses_triton(self.backend, u):
+            return self.forward_fused(u, tau, triton_block_kernels())
         batch, seqlen, _ = u.shape
         E, N, H, P = self.d_inner, self.d_state, self.nheads, self.head_dim
         z, xBC, dt = self.project_in(u)
-        if self.recompute and xBC.is_cuda and torch.is_grad_enabled():
-            # Computed again in backward, so that none of what the convolution and the activation
-            # keep for it stays in memory (the activation's input alone is [B L E+2N] a layer).
-            # Nothing random inside: no random state to keep either.
-            xBC = checkpoint(self.convolve, xBC, use_reentrant=False, preserve_rng_state=False)
-        else:
-            xBC = self.convolve(xBC)  # [B L E+2N]
+        xBC = self.convolve(xBC)  # [B L E+2N]
         x, B, C = torch.split(xBC, [E, N, N], dim=-1)
 
         tau_next = None
@@ -473,3 +656,12 @@ class TimeAwareSSD(nn.Module):
             dt_softplus=True, dt_limit=self.dt_limit, backend=self.backend,
         ).reshape(batch, seqlen, E)  # [B L E]
         return self.out_proj(self.norm(y, z)), tau_next
+
+    def forward_fused(self, u, tau, kernels: BlockKernels):
+        """:meth:`forward` with everything after in_proj as one :class:`FusedSSDBlock` node."""
+        g = self.time_step_gate(tau) if self.is_time else None  # [B H L]
+        out = FusedSSDBlock.apply(
+            self.in_proj(u), None if g is None else g.transpose(1, 2), self.conv1d.weight,
+            self.conv1d.bias, -torch.exp(self.A_log), self.D, self.dt_bias, self.norm.weight,
+            self.out_proj.weight, self.out_proj.bias, self, kernels)
+        return out, (self.next_time_signal(tau, g) if self.is_time else None)

@@ -108,7 +108,7 @@ class TiSSDLayer(nn.Module):
                  recompute: bool = False, **ssd_kwargs):
         super().__init__()
         self.residual = residual
-        self.ssd = TimeAwareSSD(d_model, norm_eps=norm_eps, recompute=recompute, **ssd_kwargs)
+        self.ssd = TimeAwareSSD(d_model, norm_eps=norm_eps, **ssd_kwargs)
         self.dropout = nn.Dropout(dropout)
         self.layer_norm = nn.LayerNorm(d_model, eps=norm_eps)
         self.ffn = FeedForward(d_model, dropout, recompute) if is_ffn else None

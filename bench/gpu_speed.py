@@ -11,10 +11,14 @@ Each setting runs in its own process, on one real batch and the real data loader
 
 - **step**: median over 20 training steps (zero_grad, forward, backward, Adam) after warm-up, timed
   with CUDA events, and the peak GPU memory over them. Per model: ``eager`` (the step as RecBole's
-  trainer runs it), ``graph`` (this project's default on one GPU: :mod:`pipeline.cuda_graph`). The
-  control is SASRec ``eager + anomaly``: RecBole turns on autograd anomaly detection for the whole
-  process when its model package is imported (SINE's module does it), so that is how RecBole runs
-  SASRec; this project turns it off (:mod:`pipeline.compat`), and ``eager`` without it is shown too.
+  trainer runs it), ``graph`` (this project's default on one GPU: :mod:`pipeline.cuda_graph`); for
+  TiM4Rec also ``graph, recompute`` (the FFN's hidden layer computed again in backward), ``graph,
+  SSD block unfused`` (the block after in_proj as separate modules, not one
+  :class:`ssd.FusedSSDBlock`) and ``graph, TF32`` (opt-in: changes float32 results). The control is
+  SASRec (the paper's settings: 8 heads) ``eager + anomaly``: RecBole turns on autograd anomaly
+  detection for the whole process when its model package is imported (SINE's module does it), so
+  that is how RecBole runs SASRec; this project turns it off (:mod:`pipeline.compat`), and
+  ``eager`` without it is shown too.
 - **epoch**: one training epoch through the project's trainer (the second one: the first captures
   the graph), and for the control one epoch of RecBole's own ``Trainer._train_epoch``;
   ``loading``: one pass over the training loader with the batches copied to the GPU, no model.
@@ -49,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 from gpu_check import SETTINGS  # the three settings of the paper, from the script beside this one
 
 MODELS = ("TiM4Rec", "SASRec", "Mamba4Rec")
+UNFUSED = "(SSD block as separate modules)"  # a row's change that is no config key
 # Peak dense rates of an H100 SXM (NVIDIA's datasheet): FP32 on CUDA cores, TF32 on tensor cores
 # (mamba-ssm's kernels multiply in TF32), HBM3 bandwidth.
 PEAK = {"fp32_flops": 67e12, "tf32_flops": 495e12, "bytes": 3.35e12}
@@ -69,8 +74,8 @@ def _config(model, setting, data_path):
 
     config_file, dataset = SETTINGS[setting]
     overrides = {"dataset": dataset, "data_path": data_path, "show_progress": False}
-    if model == "SASRec":  # RecBole's default SASRec, as the control was measured upstream
-        overrides["n_heads"] = 2  # (the project's baseline config follows the paper: 8 heads)
+    # SASRec: the project's baseline config, the paper's (8 heads). It reproduces the reference
+    # anchors' peak memory at (a) and (b), which RecBole's default (2 heads) does not: BENCHMARKS.md.
     config, spec = build_config(model, [CONFIG_DIR / config_file], overrides)
     return config, spec
 
@@ -226,16 +231,25 @@ def child(setting: str, data_path: str, quick: bool, profile: bool, models=MODEL
         variants = [("eager", False, False, {}), ("graph", True, False, {})]
         if name == "SASRec":
             variants.insert(0, ("eager + anomaly", False, True, {}))
-        if name == "TiM4Rec":  # what recomputing activations in backward costs and saves
-            variants.append(("graph, recompute", True, False, {"recompute": True}))
+        if name == "TiM4Rec":
+            variants += [  # what recomputing the FFN in backward costs and saves; the SSD block
+                ("graph, recompute", True, False, {"recompute": True}),  # as separate modules;
+                ("graph, SSD block unfused", True, False, {UNFUSED: True}),  # TF32 (opt-in)
+                ("graph, TF32", True, False, {"enable_tf32": True})]
         for label, graph, anomaly, changes in variants:
-            saved = {key: model_config[key] for key in changes}
+            saved = {key: model_config[key] for key in changes if key != UNFUSED}
             for key, value in changes.items():  # for this row only
-                model_config[key] = value
+                if key != UNFUSED:
+                    model_config[key] = value
             model = _model(model_spec, model_config, dataset)
+            if UNFUSED in changes:
+                for layer in model.ssd_layers:
+                    layer.ssd.fused = False
+            tf32 = bool(changes.get("enable_tf32", False))
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
             try:
                 row = time_steps(model, batch, graph, anomaly,
-                                 profile_kernels=profile and name == "TiM4Rec" and graph)
+                                 profile_kernels=profile and name == "TiM4Rec" and label == "graph")
             except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
                 row = {"error": " ".join(str(error).split())[:200]}
             # --quick: TiM4Rec's epoch only (the one the epoch bar is about).
@@ -255,6 +269,7 @@ def child(setting: str, data_path: str, quick: bool, profile: bool, models=MODEL
                 row["backend"] = model.backend  # mambapy's scan where mamba-ssm has no CUDA build
             for key, value in saved.items():
                 model_config[key] = value
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
             out["rows"][f"{name} {label}"] = row
             print(setting, name, label, json.dumps(row), file=sys.stderr, flush=True)
             del model

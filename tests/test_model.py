@@ -204,8 +204,8 @@ def test_bad_hyperparameters_fail_at_construction(overrides, dataset_has_time, m
 @pytest.mark.parametrize("case", ["movie_64d", "without_time"])
 def test_triton_model_matches_torch_model_on_gpu(case):
     """Same weights and batch: the Triton path's scores and loss gradient equal the PyTorch path's,
-    and both equal those of the plain model on the CPU in float64 (on the GPU, the FFN and the
-    convolution are recomputed in backward)."""
+    and both equal those of the plain model on the CPU in float64 (on the GPU, the FFN is recomputed
+    in backward and the Triton path's SSD block runs as one FusedSSDBlock)."""
     overrides = dict(PARITY_CASES[case], device=torch.device("cuda"), MAX_ITEM_LIST_LENGTH=50,
                      hidden_size=64, d_state=32, head_dim=32, chunk_size=32, recompute=True)
     models = {}

@@ -194,6 +194,44 @@ def test_block_projection_and_whole_sequence_chunk_change_nothing(monkeypatch):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
+def block_outputs_and_grads(block, u, tau, run):
+    """Output, every parameter's gradient and those of ``u`` and ``tau`` after one backward."""
+    block.zero_grad()
+    inputs = [t for t in (u, tau) if t is not None]
+    for t in inputs:
+        t.grad = None
+    out, tau_next = run(u, tau)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view_as(out)
+    loss = (out * weights).sum() + (tau_next.square().sum() if tau_next is not None else 0)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in block.named_parameters() if p.grad is not None}
+    grads.update({f"input {i}": t.grad.clone() for i, t in enumerate(inputs)})
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("is_time,bias,chunk_size", [
+    (True, True, 4), (True, False, 16), (False, True, 4), (False, False, 8)])
+def test_fused_block_equals_the_module_path(is_time, bias, chunk_size):
+    """FusedSSDBlock (one autograd node, recomputing in backward) with the PyTorch kernels: the
+    module path's output and every gradient, in float64."""
+    torch.manual_seed(0)
+    block = ssd.TimeAwareSSD(16, max_seq_length=12, d_state=8, head_dim=8, chunk_size=chunk_size,
+                             is_time=is_time, bias=bias, backend="torch").double()
+    for p in block.parameters():  # off the initial values (ones, zeros) that could hide a slip
+        p.data.add_(torch.randn_like(p), alpha=0.1)
+    u = torch.randn(3, 12, 16, dtype=F64, requires_grad=True)
+    tau = torch.randn(3, block.nheads, 12, dtype=F64, requires_grad=True) if is_time else None
+    block.eval()  # no dropout in the time branch: both runs see the same values
+    plain_out, plain = block_outputs_and_grads(block, u, tau, block)
+    fused_out, fused = block_outputs_and_grads(
+        block, u, tau, lambda u, tau: block.forward_fused(u, tau, ssd.torch_block_kernels()))
+    assert torch.allclose(fused_out, plain_out, rtol=1e-12, atol=1e-13)
+    assert fused.keys() == plain.keys() and len(plain) == sum(
+        p.requires_grad for p in block.parameters()) + (2 if is_time else 1)
+    for name in plain:
+        assert torch.allclose(fused[name], plain[name], rtol=1e-10, atol=1e-12), name
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(head_dim=48), "head_dim"),
     (dict(chunk_size=24), "power of two"),
@@ -236,3 +274,27 @@ def test_triton_gated_rmsnorm_matches_reference():
     module.weight.data.normal_()
     ref = ssd.gated_rmsnorm_ref(x.double(), z.double(), module.weight.double(), 1e-12)
     assert rel_err(module(x, z).double(), ref) < 1e-5
+
+
+@cuda
+@pytest.mark.parametrize("is_time,hidden,head_dim,d_state", [(True, 64, 32, 32), (False, 64, 32, 32),
+                                                             (False, 256, 128, 64)])
+def test_fused_block_with_triton_kernels_matches_module_path(is_time, hidden, head_dim, d_state):
+    """On the GPU: the fused node with mamba-ssm's forward and backward functions against the same
+    block as separate modules (the same kernels through their autograd functions), float32."""
+    torch.manual_seed(0)
+    block = ssd.TimeAwareSSD(hidden, max_seq_length=200, d_state=d_state, head_dim=head_dim,
+                             is_time=is_time, backend="triton").cuda().eval()
+    for p in block.parameters():
+        p.data.add_(torch.randn_like(p), alpha=0.05)
+    u = torch.randn(16, 200, hidden, device="cuda", requires_grad=True)
+    tau = torch.randn(16, block.nheads, 200, device="cuda", requires_grad=True) if is_time else None
+    block.fused = False
+    plain_out, plain = block_outputs_and_grads(block, u, tau, block)
+    block.fused = True
+    fused_out, fused = block_outputs_and_grads(block, u, tau, block)
+    assert rel_err(fused_out, plain_out) < 1e-5
+    errors = {name: rel_err(fused[name], plain[name]) for name in plain}
+    print(errors)
+    assert fused.keys() == plain.keys()
+    assert all(err < 1e-4 for err in errors.values()), errors
