@@ -333,19 +333,26 @@ class BlockKernels(NamedTuple):
     ddt_bias)``, writing the other gradients into the four given tensors;
     ``norm_fwd(y, z, weight, eps) -> (out, rstd)`` on [T E] rows (``rstd`` may be None);
     ``norm_bwd(dout, y, z, weight, eps, rstd, dz) -> (dy, dweight, out)``, writing dz, and giving
-    the forward's output again.
+    the forward's output again;
+    ``conv_fwd(x, weight, bias, activation) -> out``: the causal depthwise convolution and its
+    activation on [B L C] rows, ``out`` contiguous;
+    ``conv_bwd(x, weight, bias, dout, activation, dx) -> (dweight, dbias)``, writing dx.
     """
 
     scan_fwd: Callable
     scan_bwd: Callable
     norm_fwd: Callable
     norm_bwd: Callable
+    conv_fwd: Callable
+    conv_bwd: Callable
 
 
 @cache
 def triton_block_kernels() -> BlockKernels:
-    """mamba-ssm's own forward and backward functions (those its fused Mamba-2 block calls)."""
+    """mamba-ssm's own forward and backward functions of the scan and the norm (those its fused
+    Mamba-2 block calls), and this project's Triton convolution (:mod:`kernels.causal_conv`)."""
     ssd_combined, layernorm_gated = triton_modules()
+    from kernels.causal_conv import causal_conv_act, causal_conv_act_bwd
 
     def scan_fwd(x, dt, A, B, C, chunk, D, dt_bias, dt_limit):
         return ssd_combined._mamba_chunk_scan_combined_fwd(
@@ -369,7 +376,10 @@ def triton_block_kernels() -> BlockKernels:
             recompute_output=True, dz=dz)
         return dy, dweight, out
 
-    return BlockKernels(scan_fwd, scan_bwd, norm_fwd, norm_bwd)
+    def conv_bwd(x, weight, bias, dout, activation, dx):
+        return causal_conv_act_bwd(x, weight, bias, dout, activation, dx=dx)[1:]
+
+    return BlockKernels(scan_fwd, scan_bwd, norm_fwd, norm_bwd, causal_conv_act, conv_bwd)
 
 
 def torch_block_kernels() -> BlockKernels:
@@ -400,7 +410,18 @@ def torch_block_kernels() -> BlockKernels:
         dz.copy_(dz_)
         return dy, dweight, out.detach()
 
-    return BlockKernels(scan, scan_bwd, norm_fwd, norm_bwd)
+    def conv(x, weight, bias, activation):  # [B L C] -> [B L C]
+        act = F.hardswish if activation == "hardswish" else F.silu
+        return act(causal_conv1d(x.transpose(1, 2), weight, bias)).transpose(1, 2).contiguous()
+
+    def conv_bwd(x, weight, bias, dout, activation, dx):
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
+            dx_, dweight, dbias = torch.autograd.grad(conv(*leaves, activation), leaves, dout)
+        dx.copy_(dx_)
+        return dweight, dbias
+
+    return BlockKernels(scan, scan_bwd, norm_fwd, norm_bwd, conv, conv_bwd)
 
 
 class FusedSSDBlock(torch.autograd.Function):
@@ -427,7 +448,8 @@ class FusedSSDBlock(torch.autograd.Function):
                 out_bias, block, kernels):
         batch, seqlen, _ = zxbcdt.shape
         z, xBC, dt = block.split_projection(zxbcdt)
-        x, B, C = block.split_conv_output(block.convolve_channels_last(xBC, conv_weight, conv_bias))
+        x, B, C = block.split_conv_output(
+            kernels.conv_fwd(xBC, conv_weight, conv_bias, block.conv_activation))
         if gate is not None:
             dt = dt * gate  # [B L H]
         y = kernels.scan_fwd(x, dt, A, B, C, block.chunk_size, D, dt_bias, block.dt_limit)
@@ -458,23 +480,23 @@ class FusedSSDBlock(torch.autograd.Function):
         dout_bias = dout.sum(0) if ctx.has_out_bias else None
         del normed
 
-        # the convolution and its activation again, then the scan's backward into one tensor
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_() for t in (xBC, conv_weight, conv_bias)]
-            conv_out = block.convolve_channels_last(*leaves)  # [B L E+2N]
-        dconv_out = torch.empty_like(conv_out)
+        # the convolution and its activation again, the scan's backward into one tensor, then the
+        # convolution's backward straight into in_proj's output gradient
+        conv_out = kernels.conv_fwd(xBC, conv_weight, conv_bias, block.conv_activation)
+        dconv_out = torch.empty_like(conv_out)  # [B L E+2N]
         dx, dB, dC = block.split_conv_output(dconv_out)
         dt = dt_in if gate is None else dt_in * gate
         ddt = ddt_in if gate is None else torch.empty_like(dt)
-        x, B, C = block.split_conv_output(conv_out.detach())
+        x, B, C = block.split_conv_output(conv_out)
         dA, dD, ddt_bias = kernels.scan_bwd(dy.view_as(x), x, dt, A, B, C, y, block.chunk_size, D,
                                             dt_bias, block.dt_limit, dx, ddt, dB, dC)
+        del conv_out, x, B, C, dy
         dgate = None
         if gate is not None:
             torch.mul(ddt, gate, out=ddt_in)
             dgate = ddt * dt_in
-        dxBC_, dconv_weight, dconv_bias = torch.autograd.grad(conv_out, leaves, dconv_out)
-        dxBC.copy_(dxBC_)
+        dconv_weight, dconv_bias = kernels.conv_bwd(xBC, conv_weight, conv_bias, dconv_out,
+                                                    block.conv_activation, dxBC)
         return (dzxbcdt, dgate, dconv_weight, dconv_bias, dA, dD, ddt_bias, dnorm_weight,
                 dout_weight, dout_bias, None, None)
 
@@ -552,6 +574,7 @@ class TimeAwareSSD(nn.Module):
         self.chunk_size, self.dt_limit, self.backend = chunk_size, tuple(dt_limit), backend
         self.is_time = is_time
         self.fused = fused
+        self.conv_activation = conv_activation
         self.activation = nn.Hardswish() if conv_activation == "hardswish" else nn.SiLU()
 
         # z [E], xBC [E + 2N], dt [H]
@@ -610,11 +633,6 @@ class TimeAwareSSD(nn.Module):
     def convolve(self, xBC):  # [B L E+2N] -> [B L E+2N]
         """The causal depthwise convolution over the sequence, then the activation."""
         return self.activation(self.conv1d(xBC.transpose(1, 2)).transpose(1, 2))
-
-    def convolve_channels_last(self, xBC, weight, bias):  # [B L E+2N] -> [B L E+2N], contiguous
-        """:meth:`convolve` with the given weights, laid out as the scan reads x, B and C."""
-        return self.activation(causal_conv1d(xBC.transpose(1, 2), weight, bias)).transpose(
-            1, 2).contiguous()
 
     def split_projection(self, zxbcdt):  # [B L 2E+2N+H] -> z [B L E], xBC [B L E+2N], dt [B L H]
         return torch.split(zxbcdt, [self.d_inner, self.d_inner + 2 * self.d_state, self.nheads],
