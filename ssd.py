@@ -12,6 +12,9 @@ Three implementations of one function, the SSD scan ``y = SSM(A, B, C, dt)(x)``:
 
 :func:`chunk_scan` dispatches between the last two with mamba-ssm's contract. The gated RMSNorm that
 follows the scan has the same pair: :func:`gated_rmsnorm_ref` and mamba-ssm's Triton ``rmsnorm_fn``.
+On the Triton path, :class:`TimeAwareSSD` runs everything after in_proj as one autograd node,
+:class:`FusedSSDBlock`, with mamba-ssm's forward and backward functions and this project's Triton
+convolution (:mod:`kernels.causal_conv`); :func:`torch_block_kernels` is its PyTorch reference.
 
 mamba-ssm (every release up to 2.3.2.post1) imports its compiled Mamba-1 extension from the package
 ``__init__``, so with a Triton-only install (no CUDA build) ``import mamba_ssm`` fails. The Triton
@@ -324,8 +327,8 @@ class GatedRMSNorm(nn.Module):
 
 
 class BlockKernels(NamedTuple):
-    """Forward and backward of the SSD scan and of the gated RMSNorm, as :class:`FusedSSDBlock`
-    calls them: mamba-ssm's Triton functions (:func:`triton_block_kernels`) or the PyTorch
+    """Forward and backward of the convolution, the SSD scan and the gated RMSNorm, as
+    :class:`FusedSSDBlock` calls them: Triton (:func:`triton_block_kernels`) or the PyTorch
     references differentiated by autograd (:func:`torch_block_kernels`).
 
     ``scan_fwd(x, dt, A, B, C, chunk, D, dt_bias, dt_limit) -> y`` (softplus on ``dt + dt_bias``);
@@ -383,8 +386,9 @@ def triton_block_kernels() -> BlockKernels:
 
 
 def torch_block_kernels() -> BlockKernels:
-    """The same four functions from :func:`chunk_scan_torch` and :func:`gated_rmsnorm_ref`
-    (backward by autograd, forward again): the reference that tests hold the Triton ones to."""
+    """The same functions from :func:`causal_conv1d`, :func:`chunk_scan_torch` and
+    :func:`gated_rmsnorm_ref` (backward by autograd, forward again): the reference that the tests
+    hold the Triton ones to."""
 
     def scan(x, dt, A, B, C, chunk, D, dt_bias, dt_limit):
         return chunk_scan_torch(x, dt, A, B, C, chunk, D=D, dt_bias=dt_bias, dt_softplus=True,
@@ -432,14 +436,16 @@ class FusedSSDBlock(torch.autograd.Function):
     gate of the step sizes (or None); ``block`` gives the sizes and settings; returns [B L D].
 
     The same operations as the module path (convolution and activation, scan, gated RMSNorm,
-    out_proj) with the same kernels, kept differently for backward. Autograd would keep, per
-    layer, the convolution's output, its activation, copies of x, B and C made contiguous for the
-    scan, and the norm's output: about 2.2 times in_proj's output. This node keeps in_proj's
-    output, the scan's output and the norm's 1/rms, and computes the convolution, the activation
-    and the norm's output again in backward (mamba-ssm's norm backward does the latter in its
-    kernel). The scan's gradients of x, B and C land in one tensor, and all of in_proj's output's
-    gradients in another, with no concatenation. mamba-ssm's fused Mamba-2 block does the same,
-    but needs the compiled causal-conv1d, has no time gate, and uses SiLU only.
+    out_proj), with the scan's and the norm's kernels of mamba-ssm and the convolution of
+    ``kernels.conv_fwd`` (on the GPU :mod:`kernels.causal_conv`, which reads in_proj's output in
+    place), kept differently for backward. Autograd would keep, per layer, the convolution's
+    output, its activation, copies of x, B and C made contiguous for the scan, and the norm's
+    output: about 2.2 times in_proj's output. This node keeps in_proj's output, the scan's output
+    and the norm's 1/rms, and computes the convolution, the activation and the norm's output again
+    in backward (mamba-ssm's norm backward does the latter in its kernel). The scan's gradients of
+    x, B and C land in one tensor, and every gradient of in_proj's output in another, with no
+    concatenation. mamba-ssm's fused Mamba-2 block does the same, but needs the compiled
+    causal-conv1d, has no time gate, and uses SiLU only.
     """
 
     @staticmethod
@@ -521,7 +527,7 @@ class CausalConv1d(nn.Conv1d):
 
 
 def causal_conv1d(x, weight, bias):
-    """The depthwise causal convolution of :class:`CausalConv1d`: x [B C L], weight [C 1 K] -> [B C L]."""
+    """The convolution of :class:`CausalConv1d`: x [B C L], weight [C 1 K] -> [B C L]."""
     length, width = x.shape[-1], weight.shape[-1]
     if x.device.type == "cpu" and x.stride(1) == 1:
         # x is a [B L C] tensor seen as [B C L]. On the CPU, the same convolution as a 2-D one
@@ -545,8 +551,9 @@ class TimeAwareSSD(nn.Module):
     is a multiple of 8). Set ``conv_activation="silu"`` for Mamba-2's usual activation.
 
     ``fused``: where mamba-ssm's Triton kernels run, everything after in_proj runs as one autograd
-    node, :class:`FusedSSDBlock` (the same kernels and values, a third less memory for the layer);
-    ``fused=False`` runs the same kernels as separate modules, the reference it is tested against.
+    node, :class:`FusedSSDBlock` (the same values; on an H100, TiM4Rec's step takes 19-22% less
+    time and 11-27% less memory: BENCHMARKS.md); ``fused=False`` runs it as separate modules (the
+    convolution through PyTorch), the reference it is tested against.
 
     With ``is_time=False, conv_activation="silu", bias=False`` this is mamba-ssm's ``Mamba2`` mixer
     with its defaults (one B/C group, projections without bias), as SSD4Rec uses it.

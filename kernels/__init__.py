@@ -1,0 +1,1 @@
+"""Triton kernels of this project, each beside its PyTorch reference (imported on a GPU only)."""

@@ -61,9 +61,9 @@ def _pre_activation(x_row0, W, bias, t, c, cmask, L, stride_xl, K: tl.constexpr,
 
 
 @triton.jit
-def _fwd_kernel(X, W, BIAS, OUT, L, C, n_lblocks, stride_xb, stride_xl, stride_ob, stride_ol,
-                K: tl.constexpr, ACT: tl.constexpr, DTYPE: tl.constexpr,
-                BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+def _causal_conv_fwd_kernel(X, W, BIAS, OUT, L, C, n_lblocks, stride_xb, stride_xl, stride_ob,
+                            stride_ol, K: tl.constexpr, ACT: tl.constexpr, DTYPE: tl.constexpr,
+                            BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
     pid, pid_c = tl.program_id(0), tl.program_id(1)
     b, pid_l = pid // n_lblocks, pid % n_lblocks
     t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -77,10 +77,10 @@ def _fwd_kernel(X, W, BIAS, OUT, L, C, n_lblocks, stride_xb, stride_xl, stride_o
 
 
 @triton.jit
-def _bwd_kernel(X, W, BIAS, DOUT, DX, DW, DB, L, C, n_lblocks, stride_xb, stride_xl,
-                stride_gb, stride_gl, stride_dxb, stride_dxl,
-                K: tl.constexpr, ACT: tl.constexpr, DTYPE: tl.constexpr,
-                BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+def _causal_conv_bwd_kernel(X, W, BIAS, DOUT, DX, DW, DB, L, C, n_lblocks, stride_xb, stride_xl,
+                            stride_gb, stride_gl, stride_dxb, stride_dxl,
+                            K: tl.constexpr, ACT: tl.constexpr, DTYPE: tl.constexpr,
+                            BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
     pid, pid_c = tl.program_id(0), tl.program_id(1)
     b, pid_l = pid // n_lblocks, pid % n_lblocks
     t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -90,7 +90,7 @@ def _bwd_kernel(X, W, BIAS, DOUT, DX, DW, DB, L, C, n_lblocks, stride_xb, stride
     x_row0 = X + b * stride_xb
     dx = tl.zeros((BLOCK_L, BLOCK_C), DTYPE)
     for m in tl.static_range(K):
-        # The pre-activation's gradient at the steps s = t + m, which step t feeds through w_{K-1-m}.
+        # The pre-activation's gradient at the steps s = t + m, which t feeds through w_{K-1-m}.
         s = t + m
         pre = _pre_activation(x_row0, W, bias, s, c, cmask, L, stride_xl, K, DTYPE)
         g = tl.load(DOUT + b * stride_gb + s[:, None] * stride_gl + c[None, :],
@@ -131,8 +131,9 @@ def causal_conv_act(x, weight, bias, activation: str = "hardswish"):
     w, n_lblocks, grid, constants = _launch_args(x, weight, activation)
     batch, length, channels = x.shape
     out = torch.empty((batch, length, channels), device=x.device, dtype=x.dtype)
-    _fwd_kernel[grid](x, w, bias.contiguous(), out, length, channels, n_lblocks, x.stride(0),
-                      x.stride(1), out.stride(0), out.stride(1), **constants)
+    _causal_conv_fwd_kernel[grid](x, w, bias.contiguous(), out, length, channels, n_lblocks,
+                                  x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+                                  **constants)
     return out
 
 
@@ -150,9 +151,9 @@ def causal_conv_act_bwd(x, weight, bias, dout, activation: str = "hardswish", dx
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     dw = torch.empty((grid[0], channels, w.shape[1]), device=x.device, dtype=acc_dtype)
     db = torch.empty((grid[0], channels), device=x.device, dtype=acc_dtype)
-    _bwd_kernel[grid](x, w, bias.contiguous(), dout, dx, dw, db, length, channels, n_lblocks,
-                      x.stride(0), x.stride(1), dout.stride(0), dout.stride(1), dx.stride(0),
-                      dx.stride(1), **constants)
+    _causal_conv_bwd_kernel[grid](x, w, bias.contiguous(), dout, dx, dw, db, length, channels,
+                                  n_lblocks, x.stride(0), x.stride(1), dout.stride(0),
+                                  dout.stride(1), dx.stride(0), dx.stride(1), **constants)
     return dx, dw.sum(0).view_as(weight).to(weight.dtype), db.sum(0).to(bias.dtype)
 
 

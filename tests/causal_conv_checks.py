@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # (batch, length, channels, kernel width, activation, row stride): odd sizes that leave partial
-# blocks of steps and channels, sequences shorter than the kernel, and rows read from a wider tensor.
+# blocks of steps and channels, sequences shorter than the kernel, rows read from a wider tensor.
 SHAPES = [(3, 37, 70, 4, "hardswish", 90), (2, 5, 8, 2, "silu", 9), (2, 70, 130, 4, "silu", 140),
           (1, 3, 5, 4, "hardswish", 9), (4, 200, 192, 4, "hardswish", 324)]
 
@@ -32,7 +32,7 @@ def kernel_errors(device: str, dtype: torch.dtype) -> dict:
     for batch, length, channels, width, activation, stride in SHAPES:
         g = torch.Generator().manual_seed(length)
 
-        def rand(*shape, scale=1.0):
+        def rand(*shape, scale=1.0, g=g):
             return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device, dtype)
 
         wide = rand(batch, length, stride, scale=3.0)  # spans both hardswish corners

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.causal_conv_checks import fused_block_errors, kernel_errors
 from ssd import triton_unavailable_reason
+from tests.causal_conv_checks import fused_block_errors, kernel_errors
 
 CHECKS = Path(__file__).with_name("causal_conv_checks.py")
 
@@ -22,7 +22,7 @@ def test_kernels_match_reference_in_float64_on_the_cpu():
     interpreter (which must be chosen before triton is imported: a process of its own)."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([sys.executable, str(CHECKS)], env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     errors = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(errors) > 20
