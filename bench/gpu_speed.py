@@ -231,11 +231,10 @@ def child(setting: str, data_path: str, quick: bool, profile: bool, models=MODEL
         variants = [("eager", False, False, {}), ("graph", True, False, {})]
         if name == "SASRec":
             variants.insert(0, ("eager + anomaly", False, True, {}))
-        if name == "TiM4Rec":
-            variants += [  # what recomputing the FFN in backward costs and saves; the SSD block
-                ("graph, recompute", True, False, {"recompute": True}),  # as separate modules;
-                ("graph, SSD block unfused", True, False, {UNFUSED: True}),  # TF32 (opt-in)
-                ("graph, TF32", True, False, {"enable_tf32": True})]
+        if name == "TiM4Rec":  # what the FFN's recomputation, the fused block and TF32 change
+            variants += [("graph, recompute", True, False, {"recompute": True}),
+                         ("graph, SSD block unfused", True, False, {UNFUSED: True}),
+                         ("graph, TF32", True, False, {"enable_tf32": True})]
         for label, graph, anomaly, changes in variants:
             saved = {key: model_config[key] for key in changes if key != UNFUSED}
             for key, value in changes.items():  # for this row only

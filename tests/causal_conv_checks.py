@@ -60,6 +60,7 @@ def fused_block_errors(device: str, dtype: torch.dtype) -> dict:
     path: output and every gradient."""
     import ssd
     from kernels.causal_conv import causal_conv_act, causal_conv_act_bwd
+    from tests.test_ssd import block_outputs_and_grads
 
     def conv_bwd(x, weight, bias, dout, activation, dx):
         return causal_conv_act_bwd(x, weight, bias, dout, activation, dx=dx)[1:]
@@ -72,15 +73,8 @@ def fused_block_errors(device: str, dtype: torch.dtype) -> dict:
         p.data.add_(torch.randn_like(p), alpha=0.1)
     u = torch.randn(3, 12, 16, device=device, dtype=dtype, requires_grad=True)
     tau = torch.randn(3, block.nheads, 12, device=device, dtype=dtype, requires_grad=True)
-    results = []
-    for run in (block, lambda u, tau: block.forward_fused(u, tau, kernels)):
-        block.zero_grad()
-        u.grad = tau.grad = None
-        out, tau_next = run(u, tau)
-        weights = torch.linspace(-1, 1, out.numel(), device=device, dtype=dtype).view_as(out)
-        ((out * weights).sum() + tau_next.square().sum()).backward()
-        grads = {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
-        results.append((out.detach(), {**grads, "u": u.grad.clone(), "tau": tau.grad.clone()}))
+    results = [block_outputs_and_grads(block, u, tau, run) for run in (
+        block, lambda u, tau: block.forward_fused(u, tau, kernels))]
     (plain_out, plain), (fused_out, fused) = results
     assert plain.keys() == fused.keys()
     return {"block out": rel(fused_out, plain_out),
