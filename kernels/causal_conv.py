@@ -110,12 +110,21 @@ def _causal_conv_bwd_kernel(X, W, BIAS, DOUT, DX, DW, DB, L, C, n_lblocks, strid
              dx.to(DX.dtype.element_ty), mask=(t < L)[:, None] & cmask[None, :])
 
 
+def _check_offsets(*tensors):
+    """The kernels address elements with 32-bit offsets: refuse tensors that reach beyond them."""
+    for t in tensors:
+        if sum((n - 1) * s for n, s in zip(t.shape, t.stride())) >= 2**31:
+            raise ValueError(f"causal_conv: a tensor of shape {tuple(t.shape)} is too large for "
+                             "32-bit offsets; use a smaller batch")
+
+
 def _launch_args(x, weight, activation):
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     if x.dim() != 3 or x.stride(-1) != 1:
         raise ValueError(f"x must be [B L C] with contiguous channels, got shape {tuple(x.shape)} "
                          f"and strides {x.stride()}")
+    _check_offsets(x)
     batch, length, channels = x.shape
     width = weight.shape[-1]
     n_lblocks = triton.cdiv(length, BLOCK_L)
@@ -142,12 +151,15 @@ def causal_conv_act_bwd(x, weight, bias, dout, activation: str = "hardswish", dx
     ``(dx, dweight, dbias)``; ``dx`` [B L C] (channels contiguous) is written if given."""
     w, n_lblocks, grid, constants = _launch_args(x, weight, activation)
     _, length, channels = x.shape
+    if dout.shape != x.shape:
+        raise ValueError(f"dout must be shaped like x {tuple(x.shape)}, got {tuple(dout.shape)}")
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     if dx is None:
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     elif dx.shape != x.shape or dx.stride(-1) != 1:
         raise ValueError("dx must be shaped like x, with contiguous channels")
+    _check_offsets(dout, dx)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     dw = torch.empty((grid[0], channels, w.shape[1]), device=x.device, dtype=acc_dtype)
     db = torch.empty((grid[0], channels), device=x.device, dtype=acc_dtype)

@@ -35,3 +35,18 @@ def test_kernels_match_reference_on_gpu():
     errors = {**kernel_errors("cuda", torch.float32), **fused_block_errors("cuda", torch.float32)}
     print(errors)
     assert all(err < 1e-5 for err in errors.values()), errors
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton installed")
+def test_tensors_beyond_32_bit_offsets_are_refused():
+    """The kernels address with 32-bit offsets: a larger tensor is a clear error, not a wrong read."""
+    from kernels.causal_conv import causal_conv_act, causal_conv_act_bwd
+
+    rows = torch.empty((70000, 200, 324), device="meta")  # in_proj's output at 64d, L 200
+    x, weight, bias = rows[..., :192], torch.empty(192, 1, 4), torch.empty(192)
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        causal_conv_act(x, weight, bias)
+    x = x[:6000]  # fits; its gradient's rows in a much wider tensor do not
+    dx = torch.empty((6000, 200, 2000), device="meta")[..., :192]
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        causal_conv_act_bwd(x, weight, bias, torch.empty(x.shape, device="meta"), dx=dx)
