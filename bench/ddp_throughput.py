@@ -12,21 +12,18 @@ and writes both runs' results beside it (``--json``).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import runs  # the script beside this one
 
 
 def train(nproc: int, extra: list[str], log_dir: Path) -> dict:
-    subprocess.run([sys.executable, str(ROOT / "run.py"), f"--nproc={nproc}",
-                    f"--log_dir={log_dir}", "--show_progress=False", *extra], cwd=ROOT, check=True)
-    (path,) = log_dir.rglob("*.json")
-    return json.loads(path.read_text())
+    if code := runs.start([f"--nproc={nproc}", *extra], log_dir).wait():
+        raise SystemExit(f"ddp_throughput: the run with {nproc} process(es) failed (exit {code})")
+    return runs.results(log_dir)
 
 
 def main(argv=None) -> int:
@@ -35,24 +32,20 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write both runs' results here")
     args, rest = parser.parse_known_args(argv)
     extra = [a for a in rest if a != "--"]
-    runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for n in (1, args.nproc):
-            runs.append(train(n, extra, Path(tmp) / f"nproc{n}"))
-    metric = runs[0]["valid_metric"].lower()
+        done = [train(n, extra, Path(tmp) / f"nproc{n}") for n in (1, args.nproc)]
+    metric = done[0]["valid_metric"].lower()
     header = ("| processes | samples / epoch | epoch s (median after the first) | samples / s | "
               f"/ 1 process | best epoch | test {metric} |")
     rows = [header, "|---|---|---|---|---|---|---|"]
     base = None
-    for run in runs:
+    for run in done:
         seconds = statistics.median(e["train_s"] for e in run["epochs"][1:] or run["epochs"])
         rate = run["train_samples"] / seconds
         base = base or rate
         rows.append(f"| {run['processes']} | {run['train_samples']:,} | {seconds:.2f} | {rate:,.0f} | "
                     f"{rate / base:.2f} | {run['best_epoch']} | {run['test_result'][metric]:.4f} |")
-    print("\n".join(rows))
-    if args.json:
-        args.json.write_text(json.dumps(runs, indent=1))
+    runs.publish(rows, done, args.json)
     return 0
 
 

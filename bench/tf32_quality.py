@@ -13,24 +13,17 @@ for all). Prints a Markdown table of the test metrics; ``--json`` writes the run
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import runs  # the script beside this one
+
 SETTINGS = {"off": "False", "on": "True"}
 
 
-def start(tf32: str, extra: list[str], log_dir: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "run.py"), f"--enable_tf32={SETTINGS[tf32]}",
-                             f"--log_dir={log_dir}", "--show_progress=False", *extra], cwd=ROOT)
-
-
-def results(log_dir: Path) -> dict:
-    (path,) = log_dir.rglob("*.json")
-    return json.loads(path.read_text())
+def start(tf32: str, extra: list[str], log_dir: Path):
+    return runs.start([f"--enable_tf32={SETTINGS[tf32]}", *extra], log_dir)
 
 
 def main(argv=None) -> int:
@@ -40,30 +33,28 @@ def main(argv=None) -> int:
     parser.add_argument("--parallel", action="store_true", help="start every run at once")
     parser.add_argument("--json", type=Path, default=None, help="write the runs' results here")
     args, rest = parser.parse_known_args(argv)
-    runs = args.runs.split(",")
-    if unknown := [r for r in runs if r not in SETTINGS]:
+    settings = args.runs.split(",")
+    if unknown := [r for r in settings if r not in SETTINGS]:
         parser.error(f"--runs takes off and on, got {unknown}")
     extra = [a for a in rest if a != "--"]
     with tempfile.TemporaryDirectory() as tmp:
-        dirs = [Path(tmp) / f"run{i}_tf32_{tf32}" for i, tf32 in enumerate(runs)]
+        dirs = [Path(tmp) / f"run{i}_tf32_{tf32}" for i, tf32 in enumerate(settings)]
         if args.parallel:
-            processes = [start(tf32, extra, d) for tf32, d in zip(runs, dirs)]
+            processes = [start(tf32, extra, d) for tf32, d in zip(settings, dirs)]
             codes = [p.wait() for p in processes]
         else:
-            codes = [start(tf32, extra, d).wait() for tf32, d in zip(runs, dirs)]
+            codes = [start(tf32, extra, d).wait() for tf32, d in zip(settings, dirs)]
         if any(codes):
             print(f"tf32_quality: a run failed (exit codes {codes})", file=sys.stderr)
             return 1
-        out = [{"tf32": tf32, **results(d)} for tf32, d in zip(runs, dirs)]
+        out = [{"tf32": tf32, **runs.results(d)} for tf32, d in zip(settings, dirs)]
     metrics = list(out[0]["test_result"])
     lines = ["| run | TF32 | best epoch | epochs | " + " | ".join(f"test {m}" for m in metrics) + " |",
              "|---|---|---|---|" + "---|" * len(metrics)]
     for i, run in enumerate(out):
         lines.append(f"| {i} | {run['tf32']} | {run['best_epoch']} | {len(run['epochs'])} | "
                      + " | ".join(f"{run['test_result'][m]:.4f}" for m in metrics) + " |")
-    print("\n".join(lines))
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=1))
+    runs.publish(lines, out, args.json)
     return 0
 
 
