@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 from gpu_check import SETTINGS  # the three settings of the paper, from the script beside this one
 
 MODELS = ("TiM4Rec", "SASRec", "Mamba4Rec")
-UNFUSED = "(SSD block as separate modules)"  # a row's change that is no config key
+
 # Peak dense rates of an H100 SXM (NVIDIA's datasheet): FP32 on CUDA cores, TF32 on tensor cores
 # (mamba-ssm's kernels multiply in TF32), HBM3 bandwidth.
 PEAK = {"fp32_flops": 67e12, "tf32_flops": 495e12, "bytes": 3.35e12}
@@ -67,6 +67,12 @@ UPSTREAM = {  # reference section 5: upstream TiM4Rec and RecBole SASRec on one 
 # --------------------------------------------------------------------------------------------------
 # One process per setting
 # --------------------------------------------------------------------------------------------------
+
+
+def _unfused(model):
+    """TiM4Rec with each SSD block as separate modules rather than one FusedSSDBlock."""
+    for layer in model.ssd_layers:
+        layer.ssd.fused = False
 
 
 def _config(model, setting, data_path):
@@ -228,23 +234,22 @@ def child(setting: str, data_path: str, quick: bool, profile: bool, models=MODEL
     for name in models:
         model_config, model_spec = (config, spec) if name == "TiM4Rec" else _config(
             name, setting, data_path)
-        variants = [("eager", False, False, {}), ("graph", True, False, {})]
+        # (label, CUDA graph, anomaly detection, config changes, change to the built model)
+        variants = [("eager", False, False, {}, None), ("graph", True, False, {}, None)]
         if name == "SASRec":
-            variants.insert(0, ("eager + anomaly", False, True, {}))
+            variants.insert(0, ("eager + anomaly", False, True, {}, None))
         if name == "TiM4Rec":  # what the FFN's recomputation, the fused block and TF32 change
-            variants += [("graph, recompute", True, False, {"recompute": True}),
-                         ("graph, SSD block unfused", True, False, {UNFUSED: True}),
-                         ("graph, TF32", True, False, {"enable_tf32": True})]
-        for label, graph, anomaly, changes in variants:
-            saved = {key: model_config[key] for key in changes if key != UNFUSED}
+            variants += [("graph, recompute", True, False, {"recompute": True}, None),
+                         ("graph, SSD block unfused", True, False, {}, _unfused),
+                         ("graph, TF32", True, False, {"enable_tf32": True}, None)]
+        for label, graph, anomaly, changes, prepare in variants:
+            saved = {key: model_config[key] for key in changes}
             for key, value in changes.items():  # for this row only
-                if key != UNFUSED:
-                    model_config[key] = value
+                model_config[key] = value
             model = _model(model_spec, model_config, dataset)
-            if UNFUSED in changes:
-                for layer in model.ssd_layers:
-                    layer.ssd.fused = False
-            tf32 = bool(changes.get("enable_tf32", False))
+            if prepare is not None:
+                prepare(model)
+            tf32 = bool(model_config["enable_tf32"])
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
             try:
                 row = time_steps(model, batch, graph, anomaly,
@@ -256,6 +261,8 @@ def child(setting: str, data_path: str, quick: bool, profile: bool, models=MODEL
                 not quick and (graph or anomaly))
             if "error" not in row and timed_epoch:
                 model = _model(model_spec, model_config, dataset)  # fresh weights and optimizer
+                if prepare is not None:
+                    prepare(model)
                 if anomaly:
                     row["epoch_s"] = recbole_epoch(model_config, model, train_data)
                 else:
