@@ -339,7 +339,7 @@ class BlockKernels(NamedTuple):
     the forward's output again;
     ``conv_fwd(x, weight, bias, activation) -> out``: the causal depthwise convolution and its
     activation on [B L C] rows, ``out`` contiguous;
-    ``conv_bwd(x, weight, bias, dout, activation, dx) -> (dweight, dbias)``, writing dx.
+    ``conv_bwd(x, weight, bias, dout, activation, dx) -> (dx, dweight, dbias)``, writing dx.
     """
 
     scan_fwd: Callable
@@ -379,10 +379,8 @@ def triton_block_kernels() -> BlockKernels:
             recompute_output=True, dz=dz)
         return dy, dweight, out
 
-    def conv_bwd(x, weight, bias, dout, activation, dx):
-        return causal_conv_act_bwd(x, weight, bias, dout, activation, dx=dx)[1:]
-
-    return BlockKernels(scan_fwd, scan_bwd, norm_fwd, norm_bwd, causal_conv_act, conv_bwd)
+    return BlockKernels(scan_fwd, scan_bwd, norm_fwd, norm_bwd, causal_conv_act,
+                        causal_conv_act_bwd)
 
 
 def torch_block_kernels() -> BlockKernels:
@@ -422,8 +420,7 @@ def torch_block_kernels() -> BlockKernels:
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
             dx_, dweight, dbias = torch.autograd.grad(conv(*leaves, activation), leaves, dout)
-        dx.copy_(dx_)
-        return dweight, dbias
+        return dx.copy_(dx_), dweight, dbias
 
     return BlockKernels(scan, scan_bwd, norm_fwd, norm_bwd, conv, conv_bwd)
 
@@ -501,8 +498,8 @@ class FusedSSDBlock(torch.autograd.Function):
         if gate is not None:
             torch.mul(ddt, gate, out=ddt_in)
             dgate = ddt * dt_in
-        dconv_weight, dconv_bias = kernels.conv_bwd(xBC, conv_weight, conv_bias, dconv_out,
-                                                    block.conv_activation, dxBC)
+        _, dconv_weight, dconv_bias = kernels.conv_bwd(xBC, conv_weight, conv_bias, dconv_out,
+                                                       block.conv_activation, dxBC)
         return (dzxbcdt, dgate, dconv_weight, dconv_bias, dA, dD, ddt_bias, dnorm_weight,
                 dout_weight, dout_bias, None, None)
 

@@ -62,10 +62,8 @@ def fused_block_errors(device: str, dtype: torch.dtype) -> dict:
     from kernels.causal_conv import causal_conv_act, causal_conv_act_bwd
     from tests.test_ssd import block_outputs_and_grads
 
-    def conv_bwd(x, weight, bias, dout, activation, dx):
-        return causal_conv_act_bwd(x, weight, bias, dout, activation, dx=dx)[1:]
-
-    kernels = ssd.torch_block_kernels()._replace(conv_fwd=causal_conv_act, conv_bwd=conv_bwd)
+    kernels = ssd.torch_block_kernels()._replace(conv_fwd=causal_conv_act,
+                                                 conv_bwd=causal_conv_act_bwd)
     torch.manual_seed(0)
     block = ssd.TimeAwareSSD(16, max_seq_length=12, d_state=8, head_dim=8, chunk_size=4,
                              backend="torch").to(device, dtype).eval()
