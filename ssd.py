@@ -12,7 +12,7 @@ Three implementations of one function, the SSD scan ``y = SSM(A, B, C, dt)(x)``:
 
 :func:`chunk_scan` dispatches between the last two with mamba-ssm's contract. The gated RMSNorm that
 follows the scan has the same pair: :func:`gated_rmsnorm_ref` and mamba-ssm's Triton ``rmsnorm_fn``.
-On the Triton path, :class:`TimeAwareSSD` runs everything after in_proj as one autograd node,
+On the Triton path, :class:`TimeAwareSSD` runs from in_proj to out_proj as one autograd node,
 :class:`FusedSSDBlock`, with mamba-ssm's forward and backward functions and this project's Triton
 convolution (:mod:`kernels.causal_conv`); :func:`torch_block_kernels` is its PyTorch reference.
 
@@ -25,6 +25,7 @@ package ``__init__``.
 from __future__ import annotations
 
 import atexit
+import functools
 import importlib
 import importlib.util
 import itertools
@@ -33,7 +34,6 @@ import math
 import sys
 import types
 from collections.abc import Callable
-from functools import cache
 from typing import NamedTuple
 
 import torch
@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------
 
 
-@cache
+@functools.cache
 def triton_modules() -> tuple:
     """mamba-ssm's modules ``(ssd_combined, layernorm_gated)``, or raise ImportError.
 
@@ -62,7 +62,7 @@ def triton_modules() -> tuple:
     """
     modules = ("mamba_ssm.ops.triton.ssd_combined", "mamba_ssm.ops.triton.layernorm_gated")
     try:
-        ssd_combined, layernorm_gated = (importlib.import_module(m) for m in modules)
+        loaded = tuple(importlib.import_module(m) for m in modules)
     except ImportError as first_error:
         spec = importlib.util.find_spec("mamba_ssm")
         if spec is None or not spec.submodule_search_locations:
@@ -74,7 +74,7 @@ def triton_modules() -> tuple:
         package.__spec__ = spec
         sys.modules["mamba_ssm"] = package
         try:
-            ssd_combined, layernorm_gated = (importlib.import_module(m) for m in modules)
+            loaded = tuple(importlib.import_module(m) for m in modules)
         except ImportError as error:
             del sys.modules["mamba_ssm"]
             raise ImportError(f"mamba-ssm's Triton modules failed to import: {error}") from error
@@ -83,7 +83,7 @@ def triton_modules() -> tuple:
 
         autotune.restore()
         atexit.register(autotune.save)
-    return ssd_combined, layernorm_gated
+    return loaded
 
 
 def load_triton_ops() -> tuple:
@@ -322,7 +322,7 @@ class GatedRMSNorm(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# The block after in_proj as one autograd node
+# The block, in_proj to out_proj, as one autograd node
 # --------------------------------------------------------------------------------------------------
 
 
@@ -339,7 +339,9 @@ class BlockKernels(NamedTuple):
     the forward's output again;
     ``conv_fwd(x, weight, bias, activation) -> out``: the causal depthwise convolution and its
     activation on [B L C] rows, ``out`` contiguous;
-    ``conv_bwd(x, weight, bias, dout, activation, dx) -> (dx, dweight, dbias)``, writing dx.
+    ``conv_bwd(x, weight, bias, dout, activation, dx) -> (dx, dweight, dbias)``, writing dx;
+    ``conv(x, weight, bias, activation) -> out``: the two for autograd (the time branch's
+    convolutions, outside the node).
     """
 
     scan_fwd: Callable
@@ -348,14 +350,15 @@ class BlockKernels(NamedTuple):
     norm_bwd: Callable
     conv_fwd: Callable
     conv_bwd: Callable
+    conv: Callable
 
 
-@cache
+@functools.cache
 def triton_block_kernels() -> BlockKernels:
     """mamba-ssm's own forward and backward functions of the scan and the norm (those its fused
     Mamba-2 block calls), and this project's Triton convolution (:mod:`kernels.causal_conv`)."""
     ssd_combined, layernorm_gated = triton_modules()
-    from kernels.causal_conv import causal_conv_act, causal_conv_act_bwd
+    from kernels.causal_conv import causal_conv_act, causal_conv_act_bwd, causal_conv_act_fn
 
     def scan_fwd(x, dt, A, B, C, chunk, D, dt_bias, dt_limit):
         return ssd_combined._mamba_chunk_scan_combined_fwd(
@@ -379,8 +382,10 @@ def triton_block_kernels() -> BlockKernels:
             recompute_output=True, dz=dz)
         return dy, dweight, out
 
-    return BlockKernels(scan_fwd, scan_bwd, norm_fwd, norm_bwd, causal_conv_act,
-                        causal_conv_act_bwd)
+    # The node's own gradient buffer: the convolution's backward may write over it.
+    conv_bwd = functools.partial(causal_conv_act_bwd, overwrite_dout=True)
+    return BlockKernels(scan_fwd, scan_bwd, norm_fwd, norm_bwd, causal_conv_act, conv_bwd,
+                        causal_conv_act_fn)
 
 
 def torch_block_kernels() -> BlockKernels:
@@ -422,35 +427,38 @@ def torch_block_kernels() -> BlockKernels:
             dx_, dweight, dbias = torch.autograd.grad(conv(*leaves, activation), leaves, dout)
         return dx.copy_(dx_), dweight, dbias
 
-    return BlockKernels(scan, scan_bwd, norm_fwd, norm_bwd, conv, conv_bwd)
+    return BlockKernels(scan, scan_bwd, norm_fwd, norm_bwd, conv, conv_bwd, conv)
 
 
 class FusedSSDBlock(torch.autograd.Function):
-    """:class:`TimeAwareSSD` from in_proj's output to out_proj's, as one autograd node.
+    """:class:`TimeAwareSSD` from its input to out_proj's output, as one autograd node.
 
-    ``apply(zxbcdt, gate, conv_weight, conv_bias, A, D, dt_bias, norm_weight, out_weight, out_bias,
-    block, kernels)``: ``zxbcdt`` [B L 2E+2N+H] is in_proj's output, ``gate`` [B L H] the time
-    gate of the step sizes (or None); ``block`` gives the sizes and settings; returns [B L D].
+    ``apply(u, in_weight, in_bias, gate, conv_weight, conv_bias, A, D, dt_bias, norm_weight,
+    out_weight, out_bias, block, kernels)``: ``u`` [B L D] is the block's input, ``gate`` [B L H]
+    the time gate of the step sizes (or None); ``block`` gives the sizes and settings; returns
+    [B L D].
 
-    The same operations as the module path (convolution and activation, scan, gated RMSNorm,
-    out_proj), with the scan's and the norm's kernels of mamba-ssm and the convolution of
+    The same operations as the module path (in_proj, convolution and activation, scan, gated
+    RMSNorm, out_proj), with the scan's and the norm's kernels of mamba-ssm and the convolution of
     ``kernels.conv_fwd`` (on the GPU :mod:`kernels.causal_conv`, which reads in_proj's output in
-    place), kept differently for backward. Autograd would keep, per layer, the convolution's
-    output, its activation, copies of x, B and C made contiguous for the scan, and the norm's
-    output: about 2.2 times in_proj's output. This node keeps in_proj's output, the scan's output
-    and the norm's 1/rms, and computes the convolution, the activation and the norm's output again
-    in backward (mamba-ssm's norm backward does the latter in its kernel). The scan's gradients of
-    x, B and C land in one tensor, and every gradient of in_proj's output in another, with no
-    concatenation. mamba-ssm's fused Mamba-2 block does the same, but needs the compiled
-    causal-conv1d, has no time gate, and uses SiLU only.
+    place), kept differently for backward. Autograd would keep, per layer, in_proj's output, the
+    convolution's output and its activation, copies of x, B and C made contiguous for the scan, and
+    the norm's output. This node keeps the block's input (as in_proj alone would), the scan's
+    output and the norm's 1/rms, and computes in_proj, the convolution, the activation and the
+    norm's output again in backward (mamba-ssm's norm backward does the latter in its kernel): one
+    more product the size of in_proj's, for the largest tensor that a layer would keep. It does so
+    in two parts, z first, so that z and its gradient are gone before the scan's backward, where
+    the memory peaks. The scan's gradients of x, B and C land in one tensor, and those of x, B, C
+    and the step sizes before the convolution in another, with no concatenation. mamba-ssm's fused Mamba-2 block does much the same, but needs the
+    compiled causal-conv1d, has no time gate, and uses SiLU only.
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, zxbcdt, gate, conv_weight, conv_bias, A, D, dt_bias, norm_weight, out_weight,
-                out_bias, block, kernels):
-        batch, seqlen, _ = zxbcdt.shape
-        z, xBC, dt = block.split_projection(zxbcdt)
+    def forward(ctx, u, in_weight, in_bias, gate, conv_weight, conv_bias, A, D, dt_bias,
+                norm_weight, out_weight, out_bias, block, kernels):
+        batch, seqlen, _ = u.shape
+        z, xBC, dt = block.split_projection(F.linear(u, in_weight, in_bias))
         x, B, C = block.split_conv_output(
             kernels.conv_fwd(xBC, conv_weight, conv_bias, block.conv_activation))
         if gate is not None:
@@ -458,33 +466,45 @@ class FusedSSDBlock(torch.autograd.Function):
         y = kernels.scan_fwd(x, dt, A, B, C, block.chunk_size, D, dt_bias, block.dt_limit)
         normed, rstd = kernels.norm_fwd(y.reshape(-1, block.d_inner), z.reshape(-1, block.d_inner),
                                         norm_weight, block.norm.eps)  # [T E]
-        ctx.save_for_backward(zxbcdt, gate, conv_weight, conv_bias, A, D, dt_bias, norm_weight,
-                              out_weight, y, rstd)
+        ctx.save_for_backward(u, in_weight, in_bias, gate, conv_weight, conv_bias, A, D, dt_bias,
+                              norm_weight, out_weight, y, rstd)
         ctx.block, ctx.kernels, ctx.has_out_bias = block, kernels, out_bias is not None
         return F.linear(normed, out_weight, out_bias).view(batch, seqlen, -1)  # [B L D]
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dout):  # [B L D]
-        (zxbcdt, gate, conv_weight, conv_bias, A, D, dt_bias, norm_weight, out_weight, y,
-         rstd) = ctx.saved_tensors
+        (u, in_weight, in_bias, gate, conv_weight, conv_bias, A, D, dt_bias, norm_weight,
+         out_weight, y, rstd) = ctx.saved_tensors
         block, kernels = ctx.block, ctx.kernels
         E = block.d_inner
-        z, xBC, dt_in = block.split_projection(zxbcdt)
-        dzxbcdt = torch.empty_like(zxbcdt)
-        dz, dxBC, ddt_in = block.split_projection(dzxbcdt)
+        u2 = u.reshape(-1, u.shape[-1])  # [T D]
+        # in_proj again in two parts, z and the rest, so that z and its gradient are gone before
+        # the scan's backward (where the memory peaks)
+        w_z, w_rest = in_weight[:E], in_weight[E:]
+        b_z, b_rest = (None, None) if in_bias is None else (in_bias[:E], in_bias[E:])
 
-        # out_proj, then the gated norm (its output computed again, for out_proj's weight)
+        # out_proj, the gated norm (its output computed again, for out_proj's weight), z's part of
+        # in_proj
         dout = dout.reshape(-1, dout.shape[-1])  # [T D]
-        dy, dnorm_weight, normed = kernels.norm_bwd(
-            dout @ out_weight, y.reshape(-1, E), z.reshape(-1, E), norm_weight, block.norm.eps,
-            rstd, dz.reshape(-1, E))
+        z = F.linear(u2, w_z, b_z)  # [T E]
+        dz = torch.empty_like(z)
+        dy, dnorm_weight, normed = kernels.norm_bwd(dout @ out_weight, y.reshape(-1, E), z,
+                                                    norm_weight, block.norm.eps, rstd, dz)
+        del z
         dout_weight = dout.t() @ normed
-        dout_bias = dout.sum(0) if ctx.has_out_bias else None
+        dout_bias = column_sums(dout) if ctx.has_out_bias else None
         del normed
+        du = dz @ w_z  # [T D]
+        din_weight_z, din_bias_z = dz.t() @ u2, None if in_bias is None else column_sums(dz)
+        del dz
 
         # the convolution and its activation again, the scan's backward into one tensor, then the
-        # convolution's backward straight into in_proj's output gradient
+        # convolution's backward straight into the gradient of in_proj's output
+        xBCdt = F.linear(u2, w_rest, b_rest).view(*u.shape[:-1], -1)  # [B L E+2N+H]
+        xBC, dt_in = torch.split(xBCdt, [E + 2 * block.d_state, block.nheads], dim=-1)
+        dxBCdt = torch.empty_like(xBCdt)
+        dxBC, ddt_in = torch.split(dxBCdt, [E + 2 * block.d_state, block.nheads], dim=-1)
         conv_out = kernels.conv_fwd(xBC, conv_weight, conv_bias, block.conv_activation)
         dconv_out = torch.empty_like(conv_out)  # [B L E+2N]
         dx, dB, dC = block.split_conv_output(dconv_out)
@@ -500,8 +520,21 @@ class FusedSSDBlock(torch.autograd.Function):
             dgate = ddt * dt_in
         _, dconv_weight, dconv_bias = kernels.conv_bwd(xBC, conv_weight, conv_bias, dconv_out,
                                                        block.conv_activation, dxBC)
-        return (dzxbcdt, dgate, dconv_weight, dconv_bias, dA, dD, ddt_bias, dnorm_weight,
-                dout_weight, dout_bias, None, None)
+        del xBCdt, xBC, dt_in, dconv_out
+
+        # the rest of in_proj
+        dxBCdt = dxBCdt.reshape(-1, dxBCdt.shape[-1])  # [T E+2N+H]
+        du = du.addmm_(dxBCdt, w_rest).view_as(u)
+        din_weight = torch.cat([din_weight_z, dxBCdt.t() @ u2])
+        din_bias = None if in_bias is None else torch.cat([din_bias_z, column_sums(dxBCdt)])
+        return (du, din_weight, din_bias, dgate, dconv_weight, dconv_bias, dA, dD, ddt_bias,
+                dnorm_weight, dout_weight, dout_bias, None, None)
+
+
+def column_sums(m):  # [T N] -> [N]
+    """``m.sum(0)`` as a matrix-vector product, which reads a tall [T N] matrix at a higher
+    bandwidth than PyTorch's column reduction on a GPU (the bias gradients: BENCHMARKS.md)."""
+    return torch.mv(m.t(), m.new_ones(m.shape[0]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -547,10 +580,10 @@ class TimeAwareSSD(nn.Module):
     shipped configuration (their code uses SiLU only when causal-conv1d is installed and the head count
     is a multiple of 8). Set ``conv_activation="silu"`` for Mamba-2's usual activation.
 
-    ``fused``: where mamba-ssm's Triton kernels run, everything after in_proj runs as one autograd
-    node, :class:`FusedSSDBlock` (the same values; on an H100, TiM4Rec's step takes 19-22% less
-    time and 11-27% less memory: BENCHMARKS.md); ``fused=False`` runs it as separate modules (the
-    convolution through PyTorch), the reference it is tested against.
+    ``fused``: where mamba-ssm's Triton kernels run, the block from in_proj to out_proj runs as
+    one autograd node, :class:`FusedSSDBlock` (the same values in less time and memory:
+    BENCHMARKS.md); ``fused=False`` runs it as separate modules (the convolution through PyTorch),
+    the reference it is tested against.
 
     With ``is_time=False, conv_activation="silu", bias=False`` this is mamba-ssm's ``Mamba2`` mixer
     with its defaults (one B/C group, projections without bias), as SSD4Rec uses it.
@@ -646,9 +679,19 @@ class TimeAwareSSD(nn.Module):
         x, B, C = torch.split(xBC, [self.d_inner, self.d_state, self.d_state], dim=-1)
         return x.unflatten(-1, (self.nheads, self.head_dim)), B.unsqueeze(2), C.unsqueeze(2)
 
-    def time_step_gate(self, tau):
-        """``g = Hardswish(conv2(Hardswish(conv1(tau * MLP(tau)))))`` [B H L]: the per-step dt factor."""
+    def time_step_gate(self, tau, conv: Callable | None = None):
+        """``g = Hardswish(conv2(Hardswish(conv1(tau * MLP(tau)))))`` [B H L]: the step sizes'
+        factor.
+
+        ``conv``: the convolutions as :attr:`BlockKernels.conv` computes them, on [B L H] rows (on
+        the GPU, PyTorch's depthwise convolution is slow at this size); else the modules.
+        """
         g = tau * self.mlp4time_scale(tau)
+        if conv is not None:
+            g = g.transpose(1, 2).contiguous()  # [B L H]
+            for module in (self.conv1d4time_1, self.conv1d4time_2):
+                g = conv(g, module.weight, module.bias, "hardswish")
+            return g.transpose(1, 2)  # [B H L]
         g = F.hardswish(self.conv1d4time_1(g))
         return F.hardswish(self.conv1d4time_2(g))
 
@@ -680,10 +723,10 @@ class TimeAwareSSD(nn.Module):
         return self.out_proj(self.norm(y, z)), tau_next
 
     def forward_fused(self, u, tau, kernels: BlockKernels):
-        """:meth:`forward` with everything after in_proj as one :class:`FusedSSDBlock` node."""
-        g = self.time_step_gate(tau) if self.is_time else None  # [B H L]
+        """:meth:`forward` with in_proj to out_proj as one :class:`FusedSSDBlock` node."""
+        g = self.time_step_gate(tau, kernels.conv) if self.is_time else None  # [B H L]
         out = FusedSSDBlock.apply(
-            self.in_proj(u), None if g is None else g.transpose(1, 2), self.conv1d.weight,
-            self.conv1d.bias, -torch.exp(self.A_log), self.D, self.dt_bias, self.norm.weight,
-            self.out_proj.weight, self.out_proj.bias, self, kernels)
+            u, self.in_proj.weight, self.in_proj.bias, None if g is None else g.transpose(1, 2),
+            self.conv1d.weight, self.conv1d.bias, -torch.exp(self.A_log), self.D, self.dt_bias,
+            self.norm.weight, self.out_proj.weight, self.out_proj.bias, self, kernels)
         return out, (self.next_time_signal(tau, g) if self.is_time else None)

@@ -10,6 +10,8 @@ The hyperparameters and their defaults live in ``config/model/TiM4Rec.yaml``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +19,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 
 from pipeline.scoring import ItemScoring
-from ssd import TimeAwareSSD, resolve_backend
+from ssd import TimeAwareSSD, column_sums, resolve_backend, uses_triton
 
 logger = logging.getLogger(__name__)
 
@@ -26,54 +28,109 @@ _TIME_ONLY = ("layer_norm_time.", "conv1d4time_", "mlp4time_scale.", "time_gate_
               "time_layer_norm.")
 
 
-class _RecomputedInnerFFN(torch.autograd.Function):
-    """``fc2(Dropout(Hardswish(fc1(h))))`` that keeps only ``h`` and the dropout mask for backward.
+class FFNKernels(NamedTuple):
+    """The FFN's Hardswish and dropout, as :class:`_InnerFFN` calls them.
 
-    Autograd would keep three [.. 4D] tensors (fc1's output, Hardswish's, and fc2's input); this
-    keeps a boolean mask and computes the rest again in backward from ``h``, with the same products
-    and the same mask: the gradients are those of the plain modules, for one more product (fc1).
+    ``fwd(pre, p) -> (hidden, state)``: ``hidden = Dropout(Hardswish(pre))``, and what backward
+    needs to draw the same mask; ``bwd(dhidden, pre, p, state) -> (dpre, hidden)``: the gradient of
+    ``pre`` and ``hidden`` again.
+    """
+
+    fwd: Callable
+    bwd: Callable
+
+
+def torch_ffn_kernels() -> FFNKernels:
+    """PyTorch's kernels: ``nn.Dropout``'s (the same random stream, the same mask); the state is
+    the mask."""
+
+    def fwd(pre, p):
+        hidden = F.hardswish(pre)
+        return torch.ops.aten.native_dropout(hidden, p, True) if p > 0 else (hidden, None)
+
+    def bwd(dhidden, pre, p, mask):
+        hidden = F.hardswish(pre)
+        if mask is not None:
+            scale = 1.0 / (1.0 - p) if p < 1 else 0.0  # p = 1 drops everything
+            hidden, dhidden = hidden * mask * scale, dhidden * mask * scale
+        return torch.ops.aten.hardswish_backward(dhidden, pre), hidden
+
+    return FFNKernels(fwd, bwd)
+
+
+def triton_ffn_kernels() -> FFNKernels:
+    """One Triton kernel each way (:mod:`kernels.act_dropout`); the state is the mask's seed."""
+    from kernels.act_dropout import act_dropout, act_dropout_bwd
+    from kernels.dropout import draw_seed
+
+    def fwd(pre, p):
+        seed = draw_seed(pre.device) if p > 0 else None
+        return act_dropout(pre, p, seed), seed
+
+    def bwd(dhidden, pre, p, seed):
+        return act_dropout_bwd(dhidden, pre, p, seed, recompute_output=True)
+
+    return FFNKernels(fwd, bwd)
+
+
+class _InnerFFN(torch.autograd.Function):
+    """``fc2(Dropout(Hardswish(fc1(h))))`` that keeps, of the [.. 4D] hidden layer, fc1's output
+    (or nothing, with ``recompute``: fc1 runs again in backward) and what draws the dropout mask
+    again (the mask, or its seed), where autograd would keep fc1's output, the mask and fc2's
+    input. The same products and mask: the gradients are those of the plain modules.
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")  # backward then runs in forward's autocast state
-    def forward(ctx, h, w1, b1, w2, b2, p: float):
-        hidden = F.hardswish(F.linear(h, w1, b1))  # [.. 4D]
-        mask = None
-        if p > 0:  # the kernel of nn.Dropout: the same random stream, the same mask
-            hidden, mask = torch.ops.aten.native_dropout(hidden, p, True)
-        ctx.p = p
-        ctx.save_for_backward(h, w1, b1, w2, mask)
+    def forward(ctx, h, w1, b1, w2, b2, p: float, recompute: bool, kernels: FFNKernels):
+        pre = F.linear(h, w1, b1)  # [.. 4D]
+        hidden, state = kernels.fwd(pre, p)
+        ctx.p, ctx.kernels = p, kernels
+        ctx.save_for_backward(h, w1, b1, w2, state, None if recompute else pre)
         return F.linear(hidden, w2, b2)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):  # [.. D]
-        h, w1, b1, w2, mask = ctx.saved_tensors
-        pre = F.linear(h, w1, b1)  # [.. 4D]
-        hidden = F.hardswish(pre)
-        scale = 1.0 / (1.0 - ctx.p) if ctx.p < 1 else 0.0  # p = 1 drops everything
-        if mask is not None:
-            hidden = hidden * mask * scale
+        h, w1, b1, w2, state, pre = ctx.saved_tensors
+        if pre is None:
+            pre = F.linear(h, w1, b1)  # [.. 4D]
+        grad_pre, hidden = ctx.kernels.bwd(grad_out @ w2, pre, ctx.p, state)
+        del pre
         grad_out2 = grad_out.reshape(-1, grad_out.shape[-1])  # [T D]
         grad_w2 = grad_out2.t() @ hidden.reshape(-1, hidden.shape[-1])
         del hidden
-        grad_hidden = grad_out @ w2  # [.. 4D]
-        if mask is not None:
-            grad_hidden = grad_hidden * mask * scale
-        grad_pre = torch.ops.aten.hardswish_backward(grad_hidden, pre)
-        del pre, grad_hidden
         grad_pre2 = grad_pre.reshape(-1, grad_pre.shape[-1])  # [T 4D]
         grad_w1 = grad_pre2.t() @ h.reshape(-1, h.shape[-1])
-        return (grad_pre @ w1, grad_w1, grad_pre2.sum(0), grad_w2, grad_out2.sum(0), None)
+        return (grad_pre @ w1, grad_w1, column_sums(grad_pre2), grad_w2, column_sums(grad_out2),
+                None, None, None)
+
+
+def dropout_add_layer_norm(x, residual, dropout: nn.Dropout, norm: nn.LayerNorm, fused: bool):
+    """``norm(dropout(x) + residual)`` [B L D], or ``norm(dropout(x))`` when residual is None.
+
+    ``fused`` (CUDA): as one Triton kernel forward and one backward (:mod:`kernels.add_norm`),
+    which keeps the sum and a seed for backward rather than the mask. The same values and
+    gradients; its dropout masks follow nn.Dropout's distribution with other draws.
+    """
+    if fused:
+        from kernels.add_norm import dropout_add_norm
+
+        return dropout_add_norm(x, residual, norm.weight, norm.bias, norm.eps,
+                                dropout.p if dropout.training else 0.0)
+    out = dropout(x)
+    return norm(out if residual is None else out + residual)
 
 
 class FeedForward(nn.Module):
     """Position-wise FFN: ``LayerNorm(Dropout(fc2(Dropout(Hardswish(fc1(h))))) + h)``, D -> 4D -> D.
 
-    With ``recompute``, when training on a GPU, the inner part runs as :class:`_RecomputedInnerFFN`,
-    which computes the same values and gradients while keeping, of the hidden layer, only the
-    dropout mask for backward (GPU memory is what limits batch and length there). Otherwise it runs
-    as the plain modules.
+    When training on a GPU with ``recompute`` or ``fused``, the inner part runs as
+    :class:`_InnerFFN`: the same values and gradients, less kept for backward (GPU memory is what
+    limits batch and length there). ``fused`` (the Triton path): with one Triton kernel for
+    Hardswish and dropout each way, and the closing dropout, residual and LayerNorm as another
+    (:func:`dropout_add_layer_norm`). ``recompute``: fc1 runs again in backward, so that nothing
+    of the hidden layer is kept but the mask (or its seed). Otherwise it runs as the plain modules.
     """
 
     def __init__(self, d_model: int, dropout: float, recompute: bool = False):
@@ -85,23 +142,28 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.layer_norm = nn.LayerNorm(d_model, eps=1e-12)  # fixed, as upstream: not norm_eps
 
-    def inner(self, h, recompute: bool = False):  # [B L D] -> [B L D]
-        """``fc2(Dropout(Hardswish(fc1(h))))``; ``recompute``: through :class:`_RecomputedInnerFFN`."""
-        if recompute:
+    def inner(self, h, recompute: bool = False, fused: bool = False):  # [B L D] -> [B L D]
+        """``fc2(Dropout(Hardswish(fc1(h))))``; with ``recompute`` or ``fused``, through
+        :class:`_InnerFFN` (``fused``: with the Triton kernels)."""
+        if recompute or fused:
             p = self.dropout.p if self.training else 0.0
-            return _RecomputedInnerFFN.apply(h, self.fc1.weight, self.fc1.bias, self.fc2.weight,
-                                             self.fc2.bias, p)
+            kernels = triton_ffn_kernels() if fused else torch_ffn_kernels()
+            return _InnerFFN.apply(h, self.fc1.weight, self.fc1.bias, self.fc2.weight,
+                                   self.fc2.bias, p, recompute, kernels)
         return self.fc2(self.dropout(self.activation(self.fc1(h))))
 
-    def forward(self, h):  # [B L D]
-        recompute = self.recompute and h.is_cuda and torch.is_grad_enabled()
-        return self.layer_norm(self.dropout(self.inner(h, recompute)) + h)
+    def forward(self, h, fused: bool = False):  # [B L D]
+        train_on_gpu = h.is_cuda and torch.is_grad_enabled()
+        out = self.inner(h, self.recompute and train_on_gpu, fused and train_on_gpu)
+        return dropout_add_layer_norm(out, h, self.dropout, self.layer_norm, fused)
 
 
 class TiSSDLayer(nn.Module):
     """One layer: ``LayerNorm(Dropout(TiSSD(x)) + x)``, then the optional FFN.
 
-    The residual is dropped when the model has a single layer (as upstream).
+    The residual is dropped when the model has a single layer (as upstream). Where the SSD block
+    runs fused (``fused`` on the Triton path, see :class:`ssd.TimeAwareSSD`), each dropout, residual
+    and LayerNorm runs as one kernel too (:func:`dropout_add_layer_norm`).
     """
 
     def __init__(self, d_model: int, dropout: float, norm_eps: float, residual: bool, is_ffn: bool,
@@ -114,10 +176,11 @@ class TiSSDLayer(nn.Module):
         self.ffn = FeedForward(d_model, dropout, recompute) if is_ffn else None
 
     def forward(self, x, tau=None):  # x [B L D], tau [B H L]
+        fused = self.ssd.fused and uses_triton(self.ssd.backend, x)
         out, tau = self.ssd(x, tau)
-        out = self.dropout(out)
-        h = self.layer_norm(out + x if self.residual else out)
-        return (self.ffn(h) if self.ffn is not None else h), tau
+        h = dropout_add_layer_norm(out, x if self.residual else None, self.dropout,
+                                   self.layer_norm, fused)
+        return (self.ffn(h, fused) if self.ffn is not None else h), tau
 
 
 class TiM4Rec(ItemScoring, SequentialRecommender):
@@ -142,6 +205,10 @@ class TiM4Rec(ItemScoring, SequentialRecommender):
           seconds are rounded to steps of 64 s (before 2004) or 128 s (after).
         - Without is_time the time-branch modules are not built; their weights in an upstream
           checkpoint, if present, are unused and skipped on load.
+
+        On the Triton path with ``fused`` (the default), dropout masks are drawn by this project's
+        Triton kernels (:mod:`kernels.dropout`): nn.Dropout's distribution, not its random stream,
+        so a seed gives other masks than upstream's. ``fused: False`` uses nn.Dropout.
     """
 
     def __init__(self, config, dataset):
@@ -182,6 +249,7 @@ class TiM4Rec(ItemScoring, SequentialRecommender):
                 chunk_size=config["chunk_size"], is_time=self.is_time,
                 p2p_residual=config["p2p_residual"], time_drop_out=config["time_drop_out"],
                 conv_activation=config["conv_activation"], backend=self.ssd_backend,
+                fused=config["fused"],
             )
             for _ in range(self.num_layers)
         )

@@ -9,7 +9,10 @@ the [B L C] layout directly, with any row stride (in_proj's output is read in pl
 - :func:`causal_conv_act`: ``act(b_c + sum_k w_ck x_{t-K+1+k, c})``, zero before the first step;
 - :func:`causal_conv_act_bwd`: from the output's gradient, the gradients of x (written where the
   caller says, e.g. into a slice of in_proj's output gradient), of the weight and of the bias. The
-  pre-activation is computed again from x (K more reads, from cache), so forward keeps nothing.
+  pre-activation is computed again from x (K more reads, from cache), so forward keeps nothing;
+  its gradient is written first (where the caller allows, over the output's gradient), then read
+  by the pass that computes the three others;
+- :func:`causal_conv_act_fn`: the two as one function for autograd.
 
 The reference is :func:`causal_conv_act_ref` (PyTorch, differentiated by autograd); the tests hold
 both kernels to it in float64 (Triton's interpreter, on the CPU) and in float32 on a GPU. Weight and
@@ -24,25 +27,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-ACTIVATIONS = ("hardswish", "silu")
-BLOCK_L, BLOCK_C, NUM_WARPS = 32, 64, 4
+from kernels.activations import ACTIVATIONS, act_fn, act_grad
 
-
-@triton.jit
-def _activation(x, ACT: tl.constexpr):
-    if ACT == 0:  # hardswish, as PyTorch computes it
-        return x * tl.minimum(tl.maximum(x + 3.0, 0.0), 6.0) / 6.0
-    else:  # silu
-        return x / (1.0 + tl.exp(-x))
-
-
-@triton.jit
-def _activation_grad(x, ACT: tl.constexpr):
-    if ACT == 0:  # PyTorch's hardswish_backward, boundaries included
-        return tl.where(x < -3.0, 0.0, tl.where(x <= 3.0, x / 3.0 + 0.5, 1.0))
-    else:
-        s = 1.0 / (1.0 + tl.exp(-x))
-        return s * (1.0 + x * (1.0 - s))
+BLOCK_ELEMENTS, MAX_BLOCK_C, NUM_WARPS = 2048, 64, 4
 
 
 @triton.jit
@@ -61,51 +48,66 @@ def _pre_activation(x_row0, W, bias, t, c, cmask, L, stride_xl, K: tl.constexpr,
 
 
 @triton.jit
-def _causal_conv_fwd_kernel(X, W, BIAS, OUT, L, C, n_lblocks, stride_xb, stride_xl, stride_ob,
-                            stride_ol, K: tl.constexpr, ACT: tl.constexpr, DTYPE: tl.constexpr,
-                            BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid, pid_c = tl.program_id(0), tl.program_id(1)
-    b, pid_l = pid // n_lblocks, pid % n_lblocks
-    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    bias = tl.load(BIAS + c, mask=cmask, other=0.0).to(DTYPE)
-    pre = _pre_activation(X + b * stride_xb, W, bias, t, c, cmask, L, stride_xl, K, DTYPE)
-    out = _activation(pre, ACT)
-    tl.store(OUT + b * stride_ob + t[:, None] * stride_ol + c[None, :],
-             out.to(OUT.dtype.element_ty), mask=(t < L)[:, None] & cmask[None, :])
+def _tile(n_lblocks, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's sequence, steps [BL] and channels [BC]."""
+    pid = tl.program_id(0)
+    t = (pid % n_lblocks) * BLOCK_L + tl.arange(0, BLOCK_L)
+    return pid // n_lblocks, t, tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
 
 
 @triton.jit
-def _causal_conv_bwd_kernel(X, W, BIAS, DOUT, DX, DW, DB, L, C, n_lblocks, stride_xb, stride_xl,
-                            stride_gb, stride_gl, stride_dxb, stride_dxl,
-                            K: tl.constexpr, ACT: tl.constexpr, DTYPE: tl.constexpr,
+def _causal_conv_fwd_kernel(X, W, BIAS, OUT, L, C, n_lblocks, stride_xb, stride_xl, stride_ob,
+                            stride_ol, K: tl.constexpr, ACT: tl.constexpr, DTYPE: tl.constexpr,
                             BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid, pid_c = tl.program_id(0), tl.program_id(1)
-    b, pid_l = pid // n_lblocks, pid % n_lblocks
-    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    b, t, c = _tile(n_lblocks, BLOCK_L, BLOCK_C)
     cmask = c < C
     bias = tl.load(BIAS + c, mask=cmask, other=0.0).to(DTYPE)
-    x_row0 = X + b * stride_xb
+    pre = _pre_activation(X + b * stride_xb, W, bias, t, c, cmask, L, stride_xl, K, DTYPE)
+    tl.store(OUT + b * stride_ob + t[:, None] * stride_ol + c[None, :],
+             act_fn(pre, ACT).to(OUT.dtype.element_ty), mask=(t < L)[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _causal_conv_dpre_kernel(X, W, BIAS, DOUT, DPRE, L, C, n_lblocks, stride_xb, stride_xl,
+                             stride_gb, stride_gl, stride_pb, stride_pl, K: tl.constexpr,
+                             ACT: tl.constexpr, DTYPE: tl.constexpr, BLOCK_L: tl.constexpr,
+                             BLOCK_C: tl.constexpr):
+    """The pre-activation's gradient, ``dout * act'(pre)``; DPRE may be DOUT (in place)."""
+    b, t, c = _tile(n_lblocks, BLOCK_L, BLOCK_C)
+    cmask = c < C
+    inside = (t < L)[:, None] & cmask[None, :]
+    bias = tl.load(BIAS + c, mask=cmask, other=0.0).to(DTYPE)
+    pre = _pre_activation(X + b * stride_xb, W, bias, t, c, cmask, L, stride_xl, K, DTYPE)
+    g = tl.load(DOUT + b * stride_gb + t[:, None] * stride_gl + c[None, :], mask=inside,
+                other=0.0).to(DTYPE)
+    tl.store(DPRE + b * stride_pb + t[:, None] * stride_pl + c[None, :],
+             (g * act_grad(pre, ACT)).to(DPRE.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _causal_conv_dx_kernel(X, W, DPRE, DX, DW, DB, L, C, n_lblocks, stride_xb, stride_xl,
+                           stride_pb, stride_pl, stride_dxb, stride_dxl, K: tl.constexpr,
+                           DTYPE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+    """From the pre-activation's gradient: x's (``sum_m dpre_{t+m} w_{K-1-m}``), and this block's
+    share of the weight's and the bias's."""
+    b, t, c = _tile(n_lblocks, BLOCK_L, BLOCK_C)
+    pid, cmask = tl.program_id(0), c < C
+    dpre_row0, x_row0 = DPRE + b * stride_pb, X + b * stride_xb
     dx = tl.zeros((BLOCK_L, BLOCK_C), DTYPE)
     for m in tl.static_range(K):
-        # The pre-activation's gradient at the steps s = t + m, which t feeds through w_{K-1-m}.
         s = t + m
-        pre = _pre_activation(x_row0, W, bias, s, c, cmask, L, stride_xl, K, DTYPE)
-        g = tl.load(DOUT + b * stride_gb + s[:, None] * stride_gl + c[None, :],
+        g = tl.load(dpre_row0 + s[:, None] * stride_pl + c[None, :],
                     mask=(s < L)[:, None] & cmask[None, :], other=0.0).to(DTYPE)
-        dpre = g * _activation_grad(pre, ACT)
         w = tl.load(W + c * K + (K - 1 - m), mask=cmask, other=0.0).to(DTYPE)
-        dx += dpre * w[None, :]
-        if m == 0:  # this block's share of the weight and bias gradients
-            tl.store(DB + pid * C + c, tl.sum(dpre, axis=0), mask=cmask)
+        dx += g * w[None, :]
+        if m == 0:
+            tl.store(DB + pid * C + c, tl.sum(g, axis=0), mask=cmask)
             for k in tl.static_range(K):
                 src = t - (K - 1) + k
-                inside = (src >= 0) & (src < L)
                 x = tl.load(x_row0 + src[:, None] * stride_xl + c[None, :],
-                            mask=inside[:, None] & cmask[None, :], other=0.0).to(DTYPE)
-                tl.store(DW + (pid * C + c) * K + k, tl.sum(dpre * x, axis=0), mask=cmask)
+                            mask=((src >= 0) & (src < L))[:, None] & cmask[None, :],
+                            other=0.0).to(DTYPE)
+                tl.store(DW + (pid * C + c) * K + k, tl.sum(g * x, axis=0), mask=cmask)
     tl.store(DX + b * stride_dxb + t[:, None] * stride_dxl + c[None, :],
              dx.to(DX.dtype.element_ty), mask=(t < L)[:, None] & cmask[None, :])
 
@@ -119,6 +121,9 @@ def _check_offsets(*tensors):
 
 
 def _launch_args(x, weight, activation):
+    """Blocks of up to 64 channels, by as many steps as make 2048 elements (fewer than the
+    sequence's length, rounded up to a power of two): few channels (the time branch's 4) take
+    long blocks of steps."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     if x.dim() != 3 or x.stride(-1) != 1:
@@ -127,11 +132,12 @@ def _launch_args(x, weight, activation):
     _check_offsets(x)
     batch, length, channels = x.shape
     width = weight.shape[-1]
-    n_lblocks = triton.cdiv(length, BLOCK_L)
-    grid = (batch * n_lblocks, triton.cdiv(channels, BLOCK_C))
-    constants = {"K": width, "ACT": ACTIVATIONS.index(activation),
-                 "DTYPE": tl.float64 if x.dtype == torch.float64 else tl.float32,
-                 "BLOCK_L": BLOCK_L, "BLOCK_C": BLOCK_C, "num_warps": NUM_WARPS}
+    block_c = min(MAX_BLOCK_C, triton.next_power_of_2(channels))
+    block_l = min(BLOCK_ELEMENTS // block_c, max(16, triton.next_power_of_2(length)))
+    n_lblocks = triton.cdiv(length, block_l)
+    grid = (batch * n_lblocks, triton.cdiv(channels, block_c))
+    constants = {"K": width, "DTYPE": tl.float64 if x.dtype == torch.float64 else tl.float32,
+                 "BLOCK_L": block_l, "BLOCK_C": block_c, "num_warps": NUM_WARPS}
     return weight.reshape(channels, width).contiguous(), n_lblocks, grid, constants
 
 
@@ -142,31 +148,59 @@ def causal_conv_act(x, weight, bias, activation: str = "hardswish"):
     out = torch.empty((batch, length, channels), device=x.device, dtype=x.dtype)
     _causal_conv_fwd_kernel[grid](x, w, bias.contiguous(), out, length, channels, n_lblocks,
                                   x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-                                  **constants)
+                                  ACT=ACTIVATIONS.index(activation), **constants)
     return out
 
 
-def causal_conv_act_bwd(x, weight, bias, dout, activation: str = "hardswish", dx=None):
+def causal_conv_act_bwd(x, weight, bias, dout, activation: str = "hardswish", dx=None,
+                        overwrite_dout: bool = False):
     """Gradients of :func:`causal_conv_act` given the output's, ``dout`` [B L C]: returns
-    ``(dx, dweight, dbias)``; ``dx`` [B L C] (channels contiguous) is written if given."""
+    ``(dx, dweight, dbias)``; ``dx`` [B L C] (channels contiguous) is written if given.
+
+    Two passes: the pre-activation's gradient (into ``dout`` itself with ``overwrite_dout``, else
+    into a new tensor), then the three gradients from it.
+    """
     w, n_lblocks, grid, constants = _launch_args(x, weight, activation)
     _, length, channels = x.shape
     if dout.shape != x.shape:
         raise ValueError(f"dout must be shaped like x {tuple(x.shape)}, got {tuple(dout.shape)}")
     if dout.stride(-1) != 1:
-        dout = dout.contiguous()
+        dout, overwrite_dout = dout.contiguous(), True
     if dx is None:
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     elif dx.shape != x.shape or dx.stride(-1) != 1:
         raise ValueError("dx must be shaped like x, with contiguous channels")
     _check_offsets(dout, dx)
+    dpre = dout if overwrite_dout else torch.empty_like(dout)
+    _causal_conv_dpre_kernel[grid](x, w, bias.contiguous(), dout, dpre, length, channels,
+                                   n_lblocks, x.stride(0), x.stride(1), dout.stride(0),
+                                   dout.stride(1), dpre.stride(0), dpre.stride(1),
+                                   ACT=ACTIVATIONS.index(activation), **constants)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     dw = torch.empty((grid[0], channels, w.shape[1]), device=x.device, dtype=acc_dtype)
     db = torch.empty((grid[0], channels), device=x.device, dtype=acc_dtype)
-    _causal_conv_bwd_kernel[grid](x, w, bias.contiguous(), dout, dx, dw, db, length, channels,
-                                  n_lblocks, x.stride(0), x.stride(1), dout.stride(0),
-                                  dout.stride(1), dx.stride(0), dx.stride(1), **constants)
+    _causal_conv_dx_kernel[grid](x, w, dpre, dx, dw, db, length, channels, n_lblocks, x.stride(0),
+                                 x.stride(1), dpre.stride(0), dpre.stride(1), dx.stride(0),
+                                 dx.stride(1), **constants)
     return dx, dw.sum(0).view_as(weight).to(weight.dtype), db.sum(0).to(bias.dtype)
+
+
+class _CausalConvAct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, activation: str):
+        ctx.save_for_backward(x, weight, bias)
+        ctx.activation = activation
+        return causal_conv_act(x, weight, bias, activation)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, bias = ctx.saved_tensors
+        return (*causal_conv_act_bwd(x, weight, bias, dout, ctx.activation), None)
+
+
+def causal_conv_act_fn(x, weight, bias, activation: str = "hardswish"):
+    """:func:`causal_conv_act` with its backward for autograd (x, weight and bias)."""
+    return _CausalConvAct.apply(x, weight, bias, activation)
 
 
 def causal_conv_act_ref(x, weight, bias, activation: str = "hardswish"):

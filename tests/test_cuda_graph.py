@@ -14,6 +14,7 @@ from pipeline.cuda_graph import (
     unsupported_reason,
 )
 from ssd import triton_unavailable_reason
+from tests.numerics import rel_err
 from tests.test_model import N_ITEMS, FakeDataset, make_config
 from tim4rec import TiM4Rec
 
@@ -32,10 +33,6 @@ def batch_of(rows, seed, length=50, device="cuda"):
     times = (1e9 + gaps.cumsum(1)).float().masked_fill(pad, 0)
     return Interaction({"item_id_list": items, "item_length": lengths, "timestamp_list": times,
                         "item_id": torch.randint(1, N_ITEMS, (rows,), generator=g)}).to(device)
-
-
-def rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def test_unsupported_reasons():
@@ -139,6 +136,6 @@ def test_replayed_steps_equal_eager_steps(is_time, source):
         assert (g is None) == (q.grad is None), name
         if q.grad is None or q.grad.norm() == 0:
             continue
-        assert rel(g, q.grad) < 1e-3, name  # atomics in the Triton backward: order of sums only
+        assert rel_err(g, q.grad) < 1e-3, name  # atomics in the Triton backward: order of sums only
         m, twin_m = optimizer.state[p]["exp_avg"], twin_optimizer.state[q]["exp_avg"]
-        assert rel(m, twin_m) < 1e-3, name
+        assert rel_err(m, twin_m) < 1e-3, name

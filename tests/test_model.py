@@ -6,6 +6,7 @@ import yaml
 
 from pipeline import ROOT
 from ssd import triton_unavailable_reason as ssd_triton_reason
+from tests.numerics import rel_err
 from tests.upstream_reference import upstream_keys, upstream_scores
 from tim4rec import TiM4Rec
 
@@ -127,13 +128,15 @@ def test_recomputed_ffn_equals_the_plain_modules(dropout):
         assert not torch.allclose(plain[0], ffn.eval().inner(h))
 
 
-def test_recomputed_ffn_gradients_by_finite_differences():
-    from tim4rec import _RecomputedInnerFFN
+@pytest.mark.parametrize("recompute", [False, True])
+def test_inner_ffn_gradients_by_finite_differences(recompute):
+    from tim4rec import _InnerFFN, torch_ffn_kernels
 
     torch.manual_seed(0)
     inputs = [torch.randn(*shape, dtype=torch.float64, requires_grad=True)
               for shape in [(2, 3, 4), (8, 4), (8,), (4, 8), (4,)]]
-    assert torch.autograd.gradcheck(lambda *t: _RecomputedInnerFFN.apply(*t, 0.0), inputs)
+    assert torch.autograd.gradcheck(
+        lambda *t: _InnerFFN.apply(*t, 0.0, recompute, torch_ffn_kernels()), inputs)
 
 
 def test_shapes_and_loss():
@@ -199,13 +202,58 @@ def test_bad_hyperparameters_fail_at_construction(overrides, dataset_has_time, m
         TiM4Rec(make_config(**overrides), FakeDataset(dataset_has_time))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or ssd_triton_reason() is not None,
-                    reason="needs CUDA and mamba-ssm's Triton kernels")
+triton_gpu = pytest.mark.skipif(not torch.cuda.is_available() or ssd_triton_reason() is not None,
+                                reason="needs CUDA and mamba-ssm's Triton kernels")
+
+
+@triton_gpu
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_layer_ends_fused_equal_the_modules_with_the_kernels_mask(with_residual):
+    """A layer's dropout, residual and LayerNorm on the GPU, training: the fused kernel's output and
+    gradients equal the modules' applied with the mask of its seed (the same generator state drawn
+    again); in evaluation, the modules' output."""
+    from torch import nn
+
+    from kernels.dropout import draw_seed, dropout_mask
+    from tim4rec import dropout_add_layer_norm
+
+    torch.manual_seed(0)
+    dropout, norm = nn.Dropout(0.2).train(), nn.LayerNorm(64, eps=1e-12).cuda()
+    norm.weight.data.normal_()
+    norm.bias.data.normal_()
+    x = torch.randn(32, 50, 64, device="cuda", requires_grad=True)
+    residual = torch.randn_like(x, requires_grad=True) if with_residual else None
+    leaves = [t for t in (x, residual, norm.weight, norm.bias) if t is not None]
+    weights = torch.randn_like(x)
+
+    def outputs_and_grads(fn):
+        for t in leaves:
+            t.grad = None
+        out = fn()
+        (out * weights).sum().backward()
+        return [out.detach()] + [t.grad.clone() for t in leaves]
+
+    torch.manual_seed(7)
+    fused = outputs_and_grads(lambda: dropout_add_layer_norm(x, residual, dropout, norm, True))
+    torch.manual_seed(7)
+    keep = dropout_mask(draw_seed("cuda"), x.shape, 0.2)
+    plain = outputs_and_grads(
+        lambda: norm(x * keep / 0.8 + (0 if residual is None else residual)))
+    for a, b in zip(fused, plain, strict=True):
+        assert rel_err(a, b) < 1e-5
+    dropout.eval()
+    with torch.no_grad():
+        assert rel_err(dropout_add_layer_norm(x, residual, dropout, norm, True),
+                       dropout_add_layer_norm(x, residual, dropout, norm, False)) < 1e-6
+
+
+@triton_gpu
 @pytest.mark.parametrize("case", ["movie_64d", "without_time"])
 def test_triton_model_matches_torch_model_on_gpu(case):
     """Same weights and batch: the Triton path's scores and loss gradient equal the PyTorch path's,
     and both equal those of the plain model on the CPU in float64 (on the GPU, the FFN is recomputed
-    in backward and the Triton path's SSD block runs as one FusedSSDBlock)."""
+    in backward and the Triton path's SSD block runs as one FusedSSDBlock, each dropout, residual
+    and LayerNorm as one kernel)."""
     overrides = dict(PARITY_CASES[case], device=torch.device("cuda"), MAX_ITEM_LIST_LENGTH=50,
                      hidden_size=64, d_state=32, head_dim=32, chunk_size=32, recompute=True)
     models = {}
@@ -231,8 +279,7 @@ def test_triton_model_matches_torch_model_on_gpu(case):
         model.calculate_loss(on).backward()
         grads[backend] = torch.cat([p.grad.flatten() for p in model.parameters()
                                     if p.grad is not None]).float().cpu()
-    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
-    assert rel(scores["triton"], scores["torch"]) < 1e-4
-    assert rel(scores["torch"], scores["cpu"]) < 1e-4
-    assert rel(grads["torch"], grads["cpu"]) < 1e-4
-    assert rel(grads["triton"], grads["torch"]) < 1e-2  # TF32 inside the Triton kernels
+    assert rel_err(scores["triton"], scores["torch"]) < 1e-4
+    assert rel_err(scores["torch"], scores["cpu"]) < 1e-4
+    assert rel_err(grads["torch"], grads["cpu"]) < 1e-4
+    assert rel_err(grads["triton"], grads["torch"]) < 1e-2  # TF32 inside the Triton kernels

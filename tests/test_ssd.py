@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import ssd
+from tests.numerics import rel_err
 
 F64 = torch.float64
 
@@ -28,10 +29,6 @@ def random_inputs(batch, seqlen, nheads, headdim, ngroups, dstate, dtype=F64, de
     for key in ("x", "dt", "B", "C", "z", "dt_bias"):
         inputs[key].requires_grad_(True)
     return inputs
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def outputs_and_grads(fn, inputs, **kwargs):

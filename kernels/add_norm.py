@@ -1,0 +1,179 @@
+"""Dropout, residual and LayerNorm in one Triton kernel, forward and backward.
+
+``y = LayerNorm(dropout(x) + residual)`` over the last axis of [.. N] rows. Each TiM4Rec layer ends
+so twice (after the SSD block and after the FFN). As PyTorch modules that is a dropout (a mask
+and a product), an addition and a LayerNorm, each a pass over the tensors forward and backward,
+and PyTorch's LayerNorm kernels are slow at N = 64 (4.8 ms of a 46 ms step at batch 2048, L 200 on
+an H100). mamba-ssm's fused ``layer_norm_fn`` does the same maths with one row per program, which
+leaves its backward bound by latency at this width (2 ms a call there: BENCHMARKS.md). These
+kernels take a block of rows per program and pass over each tensor once:
+
+- :func:`dropout_add_norm` forward keeps ``s = dropout(x) + residual`` and each row's mean and
+  1/std; the dropout mask is drawn again in backward from the call's seed (:mod:`kernels.dropout`);
+- backward writes the gradients of x and of the residual; those of the weight and the bias are
+  summed per block of rows, then over blocks by PyTorch: no atomics, the same result on every run.
+
+The reference is :func:`dropout_add_norm_ref`; the tests hold both passes to it, with the mask of
+the call's seed, in float64 (Triton's interpreter, on the CPU) and in float32 on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.dropout import (check_offsets, check_probability, draw_seed, dropout_scale,
+                             keep_element)
+
+BLOCK_ELEMENTS = 2048  # elements per program: 32 rows of 64, 8 rows of 256
+MAX_WIDTH = 8192
+
+
+@triton.jit
+def _add_norm_fwd_kernel(X, RES, W, B, SEED, Y, S, MEAN, RSTD, M, N, eps, p, scale,
+                         HAS_RES: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_SUM: tl.constexpr,
+                         DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    inside = (rows < M)[:, None] & (cols < N)[None, :]
+    offsets = rows[:, None] * N + cols[None, :]
+    s = tl.load(X + offsets, mask=inside, other=0.0).to(DTYPE)
+    if HAS_DROPOUT:
+        s = tl.where(keep_element(SEED, offsets, p), s * scale, 0.0)
+    if HAS_RES:
+        s += tl.load(RES + offsets, mask=inside, other=0.0).to(DTYPE)
+    if STORE_SUM:
+        tl.store(S + offsets, s.to(S.dtype.element_ty), mask=inside)
+    mean = tl.sum(s, axis=1) / N
+    centred = tl.where(inside, s - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / N + eps)
+    w = tl.load(W + cols, mask=cols < N, other=0.0).to(DTYPE)
+    b = tl.load(B + cols, mask=cols < N, other=0.0).to(DTYPE)
+    y = centred * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=inside)
+    tl.store(MEAN + rows, mean, mask=rows < M)
+    tl.store(RSTD + rows, rstd, mask=rows < M)
+
+
+@triton.jit
+def _add_norm_bwd_kernel(S, W, DY, MEAN, RSTD, SEED, DX, DRES, DW, DB, M, N, p, scale,
+                         HAS_DROPOUT: tl.constexpr, STORE_DRES: tl.constexpr, DTYPE: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    inside = (rows < M)[:, None] & (cols < N)[None, :]
+    offsets = rows[:, None] * N + cols[None, :]
+    s = tl.load(S + offsets, mask=inside, other=0.0).to(DTYPE)
+    dy = tl.load(DY + offsets, mask=inside, other=0.0).to(DTYPE)
+    mean = tl.load(MEAN + rows, mask=rows < M, other=0.0)
+    rstd = tl.load(RSTD + rows, mask=rows < M, other=0.0)
+    w = tl.load(W + cols, mask=cols < N, other=0.0).to(DTYPE)
+    xhat = tl.where(inside, (s - mean[:, None]) * rstd[:, None], 0.0)
+    wdy = w[None, :] * dy
+    mean_xhat_wdy = tl.sum(xhat * wdy, axis=1) / N
+    mean_wdy = tl.sum(wdy, axis=1) / N
+    ds = (wdy - xhat * mean_xhat_wdy[:, None] - mean_wdy[:, None]) * rstd[:, None]
+    if STORE_DRES:
+        tl.store(DRES + offsets, ds.to(DRES.dtype.element_ty), mask=inside)
+    if HAS_DROPOUT:
+        ds = tl.where(keep_element(SEED, offsets, p), ds * scale, 0.0)
+    tl.store(DX + offsets, ds.to(DX.dtype.element_ty), mask=inside)
+    tl.store(DW + pid * N + cols, tl.sum(dy * xhat, axis=0), mask=cols < N)
+    tl.store(DB + pid * N + cols, tl.sum(dy, axis=0), mask=cols < N)
+
+
+def _blocks(rows: int, width: int) -> tuple[int, dict]:
+    """The grid size and the block constants for ``rows`` rows of ``width``."""
+    if not 0 < width <= MAX_WIDTH:
+        raise ValueError(f"dropout_add_norm: the last axis must have 1 to {MAX_WIDTH} elements, "
+                         f"got {width}")
+    check_offsets(rows * width, "dropout_add_norm")
+    block_n = triton.next_power_of_2(width)
+    block_m = max(1, BLOCK_ELEMENTS // block_n)
+    constants = {"BLOCK_M": block_m, "BLOCK_N": block_n,
+                 "num_warps": min(16, max(4, block_n // 512))}
+    return triton.cdiv(rows, block_m), constants
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
+
+
+def _forward(x, residual, weight, bias, eps: float, p: float, seed, keep_sum: bool):
+    """Rows [M N] in; ``(y, s or None, mean, rstd)`` out."""
+    rows, width = x.shape
+    grid, constants = _blocks(rows, width)
+    tl_dtype, acc = _acc_dtype(x.dtype)
+    y = torch.empty_like(x)
+    s = torch.empty_like(x) if keep_sum else None
+    mean = torch.empty(rows, device=x.device, dtype=acc)
+    rstd = torch.empty(rows, device=x.device, dtype=acc)
+    if rows:
+        _add_norm_fwd_kernel[(grid,)](
+            x, residual, weight, bias, seed, y, s, mean, rstd, rows, width, eps, p,
+            dropout_scale(p), HAS_RES=residual is not None, HAS_DROPOUT=p > 0,
+            STORE_SUM=keep_sum, DTYPE=tl_dtype, **constants)
+    return y, s, mean, rstd
+
+
+class _DropoutAddNorm(torch.autograd.Function):
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)  # as LayerNorm autocasts
+    def forward(ctx, x, residual, weight, bias, eps: float, p: float):
+        seed = draw_seed(x.device) if p > 0 else None
+        y, s, mean, rstd = _forward(x, residual, weight, bias, eps, p, seed, keep_sum=True)
+        ctx.save_for_backward(s, weight, mean, rstd, seed)
+        ctx.p, ctx.has_residual = p, residual is not None
+        return y
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dy):  # [M N]
+        s, weight, mean, rstd, seed = ctx.saved_tensors
+        rows, width = s.shape
+        grid, constants = _blocks(rows, width)
+        tl_dtype, acc = _acc_dtype(s.dtype)
+        dy = dy.contiguous()
+        dx = torch.empty_like(s)
+        # Without dropout, the residual's gradient is x's: one tensor for both.
+        dres = torch.empty_like(s) if ctx.has_residual and ctx.p > 0 else None
+        dw = torch.empty((grid, width), device=s.device, dtype=acc)
+        db = torch.empty((grid, width), device=s.device, dtype=acc)
+        if rows:
+            _add_norm_bwd_kernel[(grid,)](
+                s, weight, dy, mean, rstd, seed, dx, dres, dw, db, rows, width, ctx.p,
+                dropout_scale(ctx.p), HAS_DROPOUT=ctx.p > 0,
+                STORE_DRES=dres is not None, DTYPE=tl_dtype, **constants)
+        if ctx.has_residual and dres is None:
+            dres = dx
+        return dx, dres, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype), None, None
+
+
+def dropout_add_norm(x, residual, weight, bias, eps: float, p: float):
+    """``layer_norm(dropout(x, p) + residual)`` over the last axis (no residual when None);
+    ``x`` and ``residual`` [.. N], ``weight`` and ``bias`` [N]. ``p`` 0 is no dropout (evaluation)."""
+    check_probability(p)
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual {tuple(residual.shape)} must be shaped like x {tuple(x.shape)}")
+    shape = x.shape
+    rows = x.reshape(-1, shape[-1]).contiguous()
+    res = None if residual is None else residual.reshape(-1, shape[-1]).contiguous()
+    weight, bias = weight.contiguous(), bias.contiguous()
+    grads = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, residual, weight, bias))
+    if grads:
+        y = _DropoutAddNorm.apply(rows, res, weight, bias, eps, p)
+    else:  # keeps nothing for backward
+        seed = draw_seed(x.device) if p > 0 else None
+        y = _forward(rows, res, weight, bias, eps, p, seed, keep_sum=False)[0]
+    return y.view(shape)
+
+
+def dropout_add_norm_ref(x, residual, weight, bias, eps: float, p: float, keep=None):
+    """The reference in PyTorch: ``keep`` (bool, shaped like x) is the dropout mask when p > 0."""
+    if p > 0:
+        x = x * keep / (1 - p) if p < 1 else x * 0
+    s = x if residual is None else x + residual
+    return torch.nn.functional.layer_norm(s, s.shape[-1:], weight, bias, eps)

@@ -1,0 +1,216 @@
+"""This project's Triton kernels (:mod:`kernels`) against their PyTorch references: functions for
+the CPU (float64, Triton's interpreter, run in a process of their own by tests/test_kernels.py)
+and the GPU, each returning relative errors by name (and asserting what has no tolerance).
+
+    TRITON_INTERPRET=1 python tests/kernel_checks.py     # prints the errors as JSON
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.numerics import rel_err  # noqa: E402  (after the path: this file runs as a script too)
+
+# (batch, length, channels, kernel width, activation, row stride): odd sizes that leave partial
+# blocks of steps and channels, sequences shorter than the kernel, rows read from a wider tensor,
+# the time branch's 4 channels in one long block of steps.
+SHAPES = [(3, 37, 70, 4, "hardswish", 90), (2, 5, 8, 2, "silu", 9), (2, 70, 130, 4, "silu", 140),
+          (1, 3, 5, 4, "hardswish", 9), (4, 200, 192, 4, "hardswish", 324),
+          (3, 200, 4, 4, "hardswish", 6)]
+
+
+def conv_errors(device: str, dtype: torch.dtype) -> dict:
+    """The causal convolution: output and the three gradients of each shape."""
+    from kernels.causal_conv import (causal_conv_act, causal_conv_act_bwd, causal_conv_act_fn,
+                                     causal_conv_act_ref)
+
+    errors = {}
+    for batch, length, channels, width, activation, stride in SHAPES:
+        g = torch.Generator().manual_seed(length)
+
+        def rand(*shape, scale=1.0, g=g):
+            return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device, dtype)
+
+        wide = rand(batch, length, stride, scale=3.0)  # spans both hardswish corners
+        x = wide[..., 1:channels + 1]  # rows of stride `stride`, as in in_proj's output
+        weight, bias, dout = rand(channels, 1, width), rand(channels), rand(batch, length, channels)
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        ref = causal_conv_act_ref(*leaves, activation)
+        ref_grads = torch.autograd.grad(ref, leaves, dout)
+        dx_into = torch.zeros(batch, length, stride, device=device, dtype=dtype)
+        dx, dweight, dbias = causal_conv_act_bwd(x, weight, bias, dout, activation,
+                                                 dx=dx_into[..., 1:channels + 1])
+        name = f"{batch}x{length}x{channels} K{width} {activation}"
+        errors[f"{name} out"] = rel_err(causal_conv_act(x, weight, bias, activation), ref)
+        errors[f"{name} dx"] = rel_err(dx, ref_grads[0])
+        errors[f"{name} dweight"] = rel_err(dweight, ref_grads[1])
+        errors[f"{name} dbias"] = rel_err(dbias, ref_grads[2])
+        in_place = causal_conv_act_bwd(x, weight, bias, dout.clone(), activation,
+                                       overwrite_dout=True)
+        for label, grad, ref_grad in zip(("dx", "dweight", "dbias"), in_place, ref_grads):
+            errors[f"{name} {label}, over dout"] = rel_err(grad, ref_grad)
+        through_autograd = torch.autograd.grad(
+            causal_conv_act_fn(*leaves, activation), leaves, dout)
+        for label, grad, ref_grad in zip(("dx", "dweight", "dbias"), through_autograd, ref_grads):
+            errors[f"{name} {label}, autograd"] = rel_err(grad, ref_grad)
+        # dx went into the given slice, and nowhere else
+        errors[f"{name} dx outside"] = (dx_into[..., 0].abs().sum()
+                                        + dx_into[..., channels + 1:].abs().sum()).item()
+    return errors
+
+
+def fused_block_errors(device: str, dtype: torch.dtype) -> dict:
+    """FusedSSDBlock with the PyTorch scan and norm and the Triton convolution (in the node and in
+    the time branch), against the module path: output and every gradient."""
+    import ssd
+    from kernels.causal_conv import causal_conv_act, causal_conv_act_bwd, causal_conv_act_fn
+    from tests.test_ssd import block_outputs_and_grads
+
+    kernels = ssd.torch_block_kernels()._replace(
+        conv_fwd=causal_conv_act, conv_bwd=causal_conv_act_bwd, conv=causal_conv_act_fn)
+    torch.manual_seed(0)
+    block = ssd.TimeAwareSSD(16, max_seq_length=12, d_state=8, head_dim=8, chunk_size=4,
+                             backend="torch").to(device, dtype).eval()
+    for p in block.parameters():
+        p.data.add_(torch.randn_like(p), alpha=0.1)
+    u = torch.randn(3, 12, 16, device=device, dtype=dtype, requires_grad=True)
+    tau = torch.randn(3, block.nheads, 12, device=device, dtype=dtype, requires_grad=True)
+    results = [block_outputs_and_grads(block, u, tau, run) for run in (
+        block, lambda u, tau: block.forward_fused(u, tau, kernels))]
+    (plain_out, plain), (fused_out, fused) = results
+    assert plain.keys() == fused.keys()
+    return {"block out": rel_err(fused_out, plain_out),
+            **{f"block grad {name}": rel_err(fused[name], plain[name]) for name in plain}}
+
+
+# (leading shape, width, residual, dropout p, eps): partial blocks of rows, widths that are not a
+# power of two, no dropout (the residual's gradient is x's), everything dropped.
+ADD_NORM_CASES = [((3, 37), 64, True, 0.25, 1e-12), ((5,), 70, False, 0.25, 1e-5),
+                  ((2, 9), 256, True, 0.0, 1e-5), ((4, 3), 130, True, 0.5, 1e-5),
+                  ((2, 5), 64, True, 1.0, 1e-5), ((1, 3), 1030, False, 0.25, 1e-5)]
+
+
+def add_norm_errors(device: str, dtype: torch.dtype) -> dict:
+    """Dropout, residual and LayerNorm: output and the four gradients of each case against the
+    reference with the mask of the call's seed (the same generator state drawn again); without
+    gradients, the same output. Asserts that masks drop about p and that two seeds differ."""
+    from kernels.add_norm import dropout_add_norm, dropout_add_norm_ref
+    from kernels.dropout import draw_seed, dropout_mask
+
+    errors = {}
+    for lead, width, with_residual, p, eps in ADD_NORM_CASES:
+        g = torch.Generator().manual_seed(width)
+
+        def rand(*shape, g=g):
+            return torch.randn(*shape, generator=g, dtype=torch.float64).to(device, dtype)
+
+        x, weight, bias, dy = rand(*lead, width), rand(width), rand(width), rand(*lead, width)
+        residual = rand(*lead, width) if with_residual else None
+        leaves = [t.clone().requires_grad_() for t in (x, residual, weight, bias) if t is not None]
+        res_leaf = leaves[1] if with_residual else None
+        w_leaf, b_leaf = leaves[-2], leaves[-1]
+        torch.manual_seed(1)
+        out = dropout_add_norm(leaves[0], res_leaf, w_leaf, b_leaf, eps, p)
+        grads = torch.autograd.grad(out, leaves, dy)
+        torch.manual_seed(1)
+        keep = dropout_mask(draw_seed(device), x.shape, p)
+        ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+        ref = dropout_add_norm_ref(ref_leaves[0], ref_leaves[1] if with_residual else None,
+                                   ref_leaves[-2], ref_leaves[-1], eps, p, keep)
+        ref_grads = torch.autograd.grad(ref, ref_leaves, dy)
+        name = f"{'x'.join(map(str, lead))}x{width} p{p}{' residual' if with_residual else ''}"
+        errors[f"{name} out"] = rel_err(out, ref)
+        for label, grad, ref_grad in zip(("dx", "dresidual", "dweight", "dbias")
+                                         if with_residual else ("dx", "dweight", "dbias"),
+                                         grads, ref_grads, strict=True):
+            errors[f"{name} {label}"] = rel_err(grad, ref_grad)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            errors[f"{name} out, no grad"] = rel_err(
+                dropout_add_norm(x, residual, weight, bias, eps, p), ref)
+    return errors
+
+
+# (shape, dropout p, activation): partial blocks, no dropout, everything dropped.
+ACT_DROPOUT_CASES = [((3, 37, 256), 0.25, "hardswish"), ((5, 70), 0.0, "hardswish"),
+                     ((2, 9, 130), 0.5, "silu"), ((4, 3), 1.0, "hardswish")]
+
+
+def act_dropout_errors(device: str, dtype: torch.dtype) -> dict:
+    """Activation and dropout: output, the input's gradient and the output computed again in
+    backward, against the reference with the mask of the seed."""
+    from kernels.act_dropout import act_dropout, act_dropout_bwd, act_dropout_ref
+    from kernels.dropout import draw_seed, dropout_mask
+
+    errors = {}
+    for shape, p, activation in ACT_DROPOUT_CASES:
+        g = torch.Generator().manual_seed(shape[-1])
+        pre = (torch.randn(*shape, generator=g, dtype=torch.float64) * 3).to(device, dtype)
+        dout = torch.randn(*shape, generator=g, dtype=torch.float64).to(device, dtype)
+        seed = draw_seed(device) if p > 0 else None
+        keep = dropout_mask(seed, shape, p) if p > 0 else None
+        leaf = pre.clone().requires_grad_()
+        ref = act_dropout_ref(leaf, p, keep, activation)
+        (ref_grad,) = torch.autograd.grad(ref, leaf, dout)
+        dpre, again = act_dropout_bwd(dout, pre, p, seed, activation, recompute_output=True)
+        name = f"{'x'.join(map(str, shape))} p{p} {activation}"
+        errors[f"{name} out"] = rel_err(act_dropout(pre, p, seed, activation), ref)
+        errors[f"{name} dpre"] = rel_err(dpre, ref_grad)
+        errors[f"{name} out again"] = rel_err(again, ref)
+    return errors
+
+
+def ffn_errors(device: str, dtype: torch.dtype) -> dict:
+    """The FFN's inner part through the Triton kernels (keeping fc1's output, or recomputing it),
+    against the plain modules with the kernel's mask: output and every gradient."""
+    from kernels.act_dropout import act_dropout_ref
+    from kernels.dropout import draw_seed, dropout_mask
+    from tim4rec import FeedForward
+
+    torch.manual_seed(0)
+    ffn = FeedForward(8, 0.25).to(device, dtype).train()
+    for p in ffn.parameters():
+        p.data.normal_()
+    h = torch.randn(3, 5, 8, device=device, dtype=dtype, requires_grad=True)
+    leaves = [h, *ffn.parameters()]
+    errors = {}
+    for recompute in (False, True):
+        torch.manual_seed(1)
+        out = ffn.inner(h, recompute, fused=True)
+        grads = torch.autograd.grad(out.square().sum(), leaves, allow_unused=True)
+        torch.manual_seed(1)
+        keep = dropout_mask(draw_seed(device), (3, 5, 32), 0.25)
+        ref = ffn.fc2(act_dropout_ref(ffn.fc1(h), 0.25, keep))
+        ref_grads = torch.autograd.grad(ref.square().sum(), leaves, allow_unused=True)
+        name = f"ffn{', recompute' if recompute else ''}"
+        errors[f"{name} out"] = rel_err(out, ref)
+        for i, (grad, ref_grad) in enumerate(zip(grads, ref_grads, strict=True)):
+            if ref_grad is not None:  # the LayerNorm's, outside the inner part
+                errors[f"{name} grad {i}"] = rel_err(grad, ref_grad)
+    return errors
+
+
+def dropout_mask_checks(device: str) -> None:
+    """A mask drops about p of its elements, and two seeds give two masks."""
+    from kernels.dropout import draw_seed, dropout_mask
+
+    keep = dropout_mask(draw_seed(device), (256, 64), 0.25)
+    assert abs((~keep).double().mean().item() - 0.25) < 0.02, "a mask should drop about p"
+    assert not torch.equal(keep, dropout_mask(draw_seed(device), (256, 64), 0.25)), "one mask twice"
+
+
+def all_errors(device: str, dtype: torch.dtype) -> dict:
+    dropout_mask_checks(device)
+    return {**conv_errors(device, dtype), **fused_block_errors(device, dtype),
+            **add_norm_errors(device, dtype), **act_dropout_errors(device, dtype),
+            **ffn_errors(device, dtype)}
+
+
+if __name__ == "__main__":
+    print(json.dumps(all_errors("cpu", torch.float64)))
