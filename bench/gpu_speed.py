@@ -13,8 +13,10 @@ Each setting runs in its own process, on one real batch and the real data loader
   with CUDA events, and the peak GPU memory over them. Per model: ``eager`` (the step as RecBole's
   trainer runs it), ``graph`` (this project's default on one GPU: :mod:`pipeline.cuda_graph`); for
   TiM4Rec also ``graph, recompute`` (the FFN's hidden layer computed again in backward), ``graph,
-  SSD block unfused`` (the block after in_proj as separate modules, not one
-  :class:`ssd.FusedSSDBlock`) and ``graph, TF32`` (opt-in: changes float32 results). The control is
+  unfused`` (``fused: False``: the SSD block as separate modules, not one
+  :class:`ssd.FusedSSDBlock`, and dropout, residual and LayerNorm as separate modules), ``graph,
+  chunk 64`` (the scan in chunks of 64 steps: the same function, other kernel shapes) and ``graph,
+  TF32`` (opt-in: changes float32 results). The control is
   SASRec (the paper's settings: 8 heads) ``eager + anomaly``: RecBole turns on autograd anomaly
   detection for the whole process when its model package is imported (SINE's module does it), so
   that is how RecBole runs SASRec; this project turns it off (:mod:`pipeline.compat`), and
@@ -69,12 +71,6 @@ UPSTREAM = {  # reference section 5: upstream TiM4Rec and RecBole SASRec on one 
 # --------------------------------------------------------------------------------------------------
 
 
-def _unfused(model):
-    """TiM4Rec with each SSD block as separate modules rather than one FusedSSDBlock."""
-    for layer in model.ssd_layers:
-        layer.ssd.fused = False
-
-
 def _config(model, setting, data_path):
     from pipeline.settings import CONFIG_DIR, build_config
 
@@ -108,7 +104,9 @@ KERNEL_KINDS = (  # (kind, words of a kernel's name), the first match wins; else
     ("SSD (mamba-ssm Triton)", ("_chunk", "_bmm_chunk", "_state_passing")),
     ("gated RMSNorm (Triton)", ("_layer_norm_fwd", "_layer_norm_bwd")),
     ("convolution", ("conv",)),
-    ("GEMM", ("gemm", "xmma", "cutlass")),
+    ("dropout + residual + LayerNorm (Triton)", ("_add_norm",)),
+    ("Hardswish + dropout (Triton)", ("_act_dropout",)),
+    ("GEMM", ("gemm", "gemv", "xmma", "cutlass")),
     ("LayerNorm", ("layer_norm",)),
     ("softmax / loss", ("softmax", "nll")),
     ("Adam", ("multi_tensor", "adam")),
@@ -117,8 +115,9 @@ KERNEL_KINDS = (  # (kind, words of a kernel's name), the first match wins; else
 )
 
 
-def kernel_time_by_kind(run, steps=3) -> dict:
-    """GPU time per step (ms) of each kind of kernel, from torch.profiler over ``steps`` calls."""
+def kernel_times(run, steps=3, top=15) -> tuple[dict, dict]:
+    """GPU time per step (ms) of each kind of kernel, and of the ``top`` longest kernels, from
+    torch.profiler over ``steps`` calls."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -127,12 +126,18 @@ def kernel_time_by_kind(run, steps=3) -> dict:
             run()
         torch.cuda.synchronize()
     kinds: dict[str, float] = {}
+    kernels: dict[str, float] = {}
     for event in prof.key_averages():
+        ms = event.self_device_time_total / 1e3 / steps
+        if ms <= 0:
+            continue
         name = event.key.lower()
         kind = next((k for k, words in KERNEL_KINDS if any(w in name for w in words)),
                     "elementwise")
-        kinds[kind] = kinds.get(kind, 0.0) + event.self_device_time_total / 1e3 / steps
-    return dict(sorted(kinds.items(), key=lambda item: -item[1]))
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+        kernels[event.key[:100]] = kernels.get(event.key[:100], 0.0) + ms
+    longest = sorted(kernels.items(), key=lambda item: -item[1])[:top]
+    return dict(sorted(kinds.items(), key=lambda item: -item[1])), dict(longest)
 
 
 def time_steps(model, batch, graph: bool, anomaly: bool, steps=20, warmup=5,
@@ -176,7 +181,7 @@ def time_steps(model, batch, graph: bool, anomaly: bool, steps=20, warmup=5,
     row = {"first_s": first, "step_ms": statistics.median(times),
            "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
     if profile_kernels:
-        row["kernel_ms"] = kernel_time_by_kind(run)
+        row["kernel_ms"], row["top_kernels_ms"] = kernel_times(run)
     return row
 
 
@@ -234,21 +239,20 @@ def child(setting: str, data_path: str, quick: bool, profile: bool, models=MODEL
     for name in models:
         model_config, model_spec = (config, spec) if name == "TiM4Rec" else _config(
             name, setting, data_path)
-        # (label, CUDA graph, anomaly detection, config changes, change to the built model)
-        variants = [("eager", False, False, {}, None), ("graph", True, False, {}, None)]
+        # (label, CUDA graph, anomaly detection, config changes)
+        variants = [("eager", False, False, {}), ("graph", True, False, {})]
         if name == "SASRec":
-            variants.insert(0, ("eager + anomaly", False, True, {}, None))
-        if name == "TiM4Rec":  # what the FFN's recomputation, the fused block and TF32 change
-            variants += [("graph, recompute", True, False, {"recompute": True}, None),
-                         ("graph, SSD block unfused", True, False, {}, _unfused),
-                         ("graph, TF32", True, False, {"enable_tf32": True}, None)]
-        for label, graph, anomaly, changes, prepare in variants:
+            variants.insert(0, ("eager + anomaly", False, True, {}))
+        if name == "TiM4Rec":  # what recomputation, fusion, the chunk size and TF32 change
+            variants += [("graph, recompute", True, False, {"recompute": True}),
+                         ("graph, unfused", True, False, {"fused": False}),
+                         ("graph, chunk 64", True, False, {"chunk_size": 64}),
+                         ("graph, TF32", True, False, {"enable_tf32": True})]
+        for label, graph, anomaly, changes in variants:
             saved = {key: model_config[key] for key in changes}
             for key, value in changes.items():  # for this row only
                 model_config[key] = value
             model = _model(model_spec, model_config, dataset)
-            if prepare is not None:
-                prepare(model)
             tf32 = bool(model_config["enable_tf32"])
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
             try:
@@ -261,8 +265,6 @@ def child(setting: str, data_path: str, quick: bool, profile: bool, models=MODEL
                 not quick and (graph or anomaly))
             if "error" not in row and timed_epoch:
                 model = _model(model_spec, model_config, dataset)  # fresh weights and optimizer
-                if prepare is not None:
-                    prepare(model)
                 if anomaly:
                     row["epoch_s"] = recbole_epoch(model_config, model, train_data)
                 else:
@@ -420,6 +422,8 @@ def markdown(results: list[dict]) -> str:
         for r in profiled:
             kinds = r["rows"]["TiM4Rec graph"]["kernel_ms"]
             lines.append(f"- ({r['setting']}) " + ", ".join(f"{k} {v:.1f}" for k, v in kinds.items()))
+            top = r["rows"]["TiM4Rec graph"].get("top_kernels_ms", {})
+            lines.append("  longest kernels: " + "; ".join(f"{k} {v:.2f}" for k, v in top.items()))
     return "\n".join(lines)
 
 
