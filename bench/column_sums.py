@@ -9,9 +9,9 @@ and the bandwidth it reaches, for the shapes of the three settings of bench/gpu_
 
 from __future__ import annotations
 
-import statistics
-
 import torch
+
+from gpu_speed import median_cuda_ms  # the benchmark beside this one
 
 SHAPES = [(409600, 196, "b: in_proj without z"), (409600, 256, "b: fc1"),
           (409600, 128, "b: in_proj's z"), (409600, 64, "b: out_proj, fc2"),
@@ -19,17 +19,9 @@ SHAPES = [(409600, 196, "b: in_proj without z"), (409600, 256, "b: fc1"),
 
 
 def median_ms(fn, calls=20) -> float:
-    for _ in range(3):
+    for _ in range(3):  # warm-up
         fn()
-    times = []
-    for _ in range(calls):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end))
-    return statistics.median(times)
+    return median_cuda_ms(fn, calls)
 
 
 def main() -> None:

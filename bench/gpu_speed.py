@@ -140,6 +140,21 @@ def kernel_times(run, steps=3, top=15) -> tuple[dict, dict]:
     return dict(sorted(kinds.items(), key=lambda item: -item[1])), dict(longest)
 
 
+def median_cuda_ms(run, calls: int = 20) -> float:
+    """The median GPU time (ms) of ``calls`` calls of ``run``, each between two CUDA events."""
+    import torch
+
+    times = []
+    for _ in range(calls):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end))
+    return statistics.median(times)
+
+
 def time_steps(model, batch, graph: bool, anomaly: bool, steps=20, warmup=5,
                profile_kernels=False) -> dict:
     """First step (s), median step (ms) and peak memory (GB) of zero_grad, loss, backward, Adam;
@@ -166,19 +181,12 @@ def time_steps(model, batch, graph: bool, anomaly: bool, steps=20, warmup=5,
         first, _ = _sync_time(run)
         for _ in range(max(warmup, WARMUP_STEPS + 2)):
             run()
-        times = []
-        for _ in range(steps):
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            run()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end))
+        step_ms = median_cuda_ms(run, steps)
     finally:
         torch.autograd.set_detect_anomaly(False)
     if graph and step.failed:
         raise RuntimeError(f"capture failed: {step.failed}")
-    row = {"first_s": first, "step_ms": statistics.median(times),
+    row = {"first_s": first, "step_ms": step_ms,
            "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
     if profile_kernels:
         row["kernel_ms"], row["top_kernels_ms"] = kernel_times(run)
