@@ -9,6 +9,7 @@ The hyperparameters and their defaults live in ``config/model/TiM4Rec.yaml``.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import NamedTuple
@@ -40,6 +41,7 @@ class FFNKernels(NamedTuple):
     bwd: Callable
 
 
+@functools.cache
 def torch_ffn_kernels() -> FFNKernels:
     """PyTorch's kernels: ``nn.Dropout``'s (the same random stream, the same mask); the state is
     the mask."""
@@ -58,6 +60,7 @@ def torch_ffn_kernels() -> FFNKernels:
     return FFNKernels(fwd, bwd)
 
 
+@functools.cache
 def triton_ffn_kernels() -> FFNKernels:
     """One Triton kernel each way (:mod:`kernels.act_dropout`); the state is the mask's seed."""
     from kernels.act_dropout import act_dropout, act_dropout_bwd

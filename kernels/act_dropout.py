@@ -20,8 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import check_offsets
 from kernels.activations import ACTIVATIONS, act_fn, act_grad
-from kernels.dropout import BLOCK, check_offsets, check_probability, dropout_scale, keep_element
+from kernels.dropout import BLOCK, check_probability, dropout_scale, keep_element
 
 
 @triton.jit
@@ -59,7 +60,7 @@ def _launch(pre, p: float, activation: str) -> tuple[int, dict]:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     check_probability(p)
-    check_offsets(pre.numel(), "act_dropout")
+    check_offsets("act_dropout", pre)
     constants = {"ACT": ACTIVATIONS.index(activation), "HAS_DROPOUT": p > 0,
                  "DTYPE": tl.float64 if pre.dtype == torch.float64 else tl.float32,
                  "BLOCK": BLOCK}

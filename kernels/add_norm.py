@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dropout import (check_offsets, check_probability, draw_seed, dropout_scale,
-                             keep_element)
+from kernels import check_offsets
+from kernels.dropout import check_probability, draw_seed, dropout_scale, keep_element
 
 BLOCK_ELEMENTS = 2048  # elements per program: 32 rows of 64, 8 rows of 256
 MAX_WIDTH = 8192
@@ -89,7 +89,6 @@ def _blocks(rows: int, width: int) -> tuple[int, dict]:
     if not 0 < width <= MAX_WIDTH:
         raise ValueError(f"dropout_add_norm: the last axis must have 1 to {MAX_WIDTH} elements, "
                          f"got {width}")
-    check_offsets(rows * width, "dropout_add_norm")
     block_n = triton.next_power_of_2(width)
     block_m = max(1, BLOCK_ELEMENTS // block_n)
     constants = {"BLOCK_M": block_m, "BLOCK_N": block_n,
@@ -160,6 +159,7 @@ def dropout_add_norm(x, residual, weight, bias, eps: float, p: float):
     shape = x.shape
     rows = x.reshape(-1, shape[-1]).contiguous()
     res = None if residual is None else residual.reshape(-1, shape[-1]).contiguous()
+    check_offsets("dropout_add_norm", rows)
     weight, bias = weight.contiguous(), bias.contiguous()
     grads = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, residual, weight, bias))

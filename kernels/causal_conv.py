@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import check_offsets
 from kernels.activations import ACTIVATIONS, act_fn, act_grad
 
 BLOCK_ELEMENTS, MAX_BLOCK_C, NUM_WARPS = 2048, 64, 4
@@ -112,14 +113,6 @@ def _causal_conv_dx_kernel(X, W, DPRE, DX, DW, DB, L, C, n_lblocks, stride_xb, s
              dx.to(DX.dtype.element_ty), mask=(t < L)[:, None] & cmask[None, :])
 
 
-def _check_offsets(*tensors):
-    """The kernels address elements with 32-bit offsets: refuse tensors that reach beyond them."""
-    for t in tensors:
-        if sum((n - 1) * s for n, s in zip(t.shape, t.stride())) >= 2**31:
-            raise ValueError(f"causal_conv: a tensor of shape {tuple(t.shape)} is too large for "
-                             "32-bit offsets; use a smaller batch")
-
-
 def _launch_args(x, weight, activation):
     """Blocks of up to 64 channels, by as many steps as make 2048 elements (fewer than the
     sequence's length, rounded up to a power of two): few channels (the time branch's 4) take
@@ -129,7 +122,7 @@ def _launch_args(x, weight, activation):
     if x.dim() != 3 or x.stride(-1) != 1:
         raise ValueError(f"x must be [B L C] with contiguous channels, got shape {tuple(x.shape)} "
                          f"and strides {x.stride()}")
-    _check_offsets(x)
+    check_offsets("causal_conv", x)
     batch, length, channels = x.shape
     width = weight.shape[-1]
     block_c = min(MAX_BLOCK_C, triton.next_power_of_2(channels))
@@ -170,7 +163,7 @@ def causal_conv_act_bwd(x, weight, bias, dout, activation: str = "hardswish", dx
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     elif dx.shape != x.shape or dx.stride(-1) != 1:
         raise ValueError("dx must be shaped like x, with contiguous channels")
-    _check_offsets(dout, dx)
+    check_offsets("causal_conv", dout, dx)
     dpre = dout if overwrite_dout else torch.empty_like(dout)
     _causal_conv_dpre_kernel[grid](x, w, bias.contiguous(), dout, dpre, length, channels,
                                    n_lblocks, x.stride(0), x.stride(1), dout.stride(0),

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import check_offsets
+
 BLOCK = 1024
 
 
@@ -45,17 +47,10 @@ def check_probability(p: float) -> None:
         raise ValueError(f"dropout probability must be in [0, 1], got {p}")
 
 
-def check_offsets(numel: int, what: str) -> None:
-    """The kernels address (and draw) with 32-bit offsets: refuse tensors beyond them."""
-    if numel >= 2**31:
-        raise ValueError(f"{what}: {numel} elements are too many for 32-bit offsets; use a smaller "
-                         "batch")
-
-
 def dropout_mask(seed: torch.Tensor, shape, p: float) -> torch.Tensor:
     """The keep mask (bool, ``shape``) that ``seed`` gives a contiguous tensor at probability p."""
     keep = torch.empty(shape, device=seed.device, dtype=torch.int8)
-    check_offsets(keep.numel(), "dropout_mask")
+    check_offsets("dropout_mask", keep)
     if keep.numel():
         _mask_kernel[(triton.cdiv(keep.numel(), BLOCK),)](seed, keep, keep.numel(), p, BLOCK=BLOCK)
     return keep.bool()
