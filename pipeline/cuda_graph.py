@@ -2,8 +2,8 @@
 
 An eager step of a small model issues a few hundred small kernels from Python; where the GPU
 finishes them faster than the host launches them, the host sets the pace (TiM4Rec at batch 2048,
-L 50: 22.4 ms eager, 18.4 ms replayed, on an H100; at L 200 the GPU sets it and the two are equal:
-BENCHMARKS.md). Captured once, the step is one graph launch; the kernels, their order and their
+L 50: 25.5 ms eager, 12.4 ms replayed, on an H100; at L 200 the GPU sets it, 40.4 and 39.2 ms:
+BENCHMARKS.md, fourth run). Captured once, the step is one graph launch; the kernels, their order and their
 inputs are those of the eager step, so what is computed does not change. Dropout stays random from
 step to step (PyTorch advances the CUDA generator's offset on every replay).
 
