@@ -355,10 +355,12 @@ class BlockKernels(NamedTuple):
 
 @functools.cache
 def triton_block_kernels() -> BlockKernels:
-    """mamba-ssm's own forward and backward functions of the scan and the norm (those its fused
-    Mamba-2 block calls), and this project's Triton convolution (:mod:`kernels.causal_conv`)."""
-    ssd_combined, layernorm_gated = triton_modules()
+    """mamba-ssm's own forward and backward functions of the scan (those its fused Mamba-2 block
+    calls), and this project's Triton convolution and gated RMSNorm (:mod:`kernels.causal_conv`,
+    :mod:`kernels.gated_norm`)."""
+    ssd_combined, _ = triton_modules()
     from kernels.causal_conv import causal_conv_act, causal_conv_act_bwd, causal_conv_act_fn
+    from kernels.gated_norm import gated_rms_norm, gated_rms_norm_bwd
 
     def scan_fwd(x, dt, A, B, C, chunk, D, dt_bias, dt_limit):
         return ssd_combined._mamba_chunk_scan_combined_fwd(
@@ -371,20 +373,12 @@ def triton_block_kernels() -> BlockKernels:
         _, _, dA, _, _, dD, _, ddt_bias, _ = grads
         return dA, dD, ddt_bias
 
-    def norm_fwd(y, z, weight, eps):
-        out, _, rstd = layernorm_gated._layer_norm_fwd(
-            y, weight, None, eps, z=z, norm_before_gate=False, is_rms_norm=True)
-        return out, rstd
-
     def norm_bwd(dout, y, z, weight, eps, rstd, dz):
-        dy, dweight, _, _, out = layernorm_gated._layer_norm_bwd(
-            dout, y, weight, None, eps, None, rstd, z=z, norm_before_gate=False, is_rms_norm=True,
-            recompute_output=True, dz=dz)
-        return dy, dweight, out
+        return gated_rms_norm_bwd(dout, y, z, weight, rstd, dz)
 
     # The node's own gradient buffer: the convolution's backward may write over it.
     conv_bwd = functools.partial(causal_conv_act_bwd, overwrite_dout=True)
-    return BlockKernels(scan_fwd, scan_bwd, norm_fwd, norm_bwd, causal_conv_act, conv_bwd,
+    return BlockKernels(scan_fwd, scan_bwd, gated_rms_norm, norm_bwd, causal_conv_act, conv_bwd,
                         causal_conv_act_fn)
 
 
@@ -439,18 +433,19 @@ class FusedSSDBlock(torch.autograd.Function):
     [B L D].
 
     The same operations as the module path (in_proj, convolution and activation, scan, gated
-    RMSNorm, out_proj), with the scan's and the norm's kernels of mamba-ssm and the convolution of
-    ``kernels.conv_fwd`` (on the GPU :mod:`kernels.causal_conv`, which reads in_proj's output in
+    RMSNorm, out_proj), with the functions of ``kernels`` (on the GPU: mamba-ssm's scan,
+    :mod:`kernels.gated_norm`, and :mod:`kernels.causal_conv`, which reads in_proj's output in
     place), kept differently for backward. Autograd would keep, per layer, in_proj's output, the
     convolution's output and its activation, copies of x, B and C made contiguous for the scan, and
     the norm's output. This node keeps the block's input (as in_proj alone would), the scan's
     output and the norm's 1/rms, and computes in_proj, the convolution, the activation and the
-    norm's output again in backward (mamba-ssm's norm backward does the latter in its kernel): one
+    norm's output again in backward (the norm's backward kernel does the latter): one
     more product the size of in_proj's, for the largest tensor that a layer would keep. It does so
     in two parts, z first, so that z and its gradient are gone before the scan's backward, where
-    the memory peaks. The scan's gradients of x, B and C land in one tensor, and those of x, B, C
-    and the step sizes before the convolution in another, with no concatenation. mamba-ssm's fused Mamba-2 block does much the same, but needs the
-    compiled causal-conv1d, has no time gate, and uses SiLU only.
+    the memory peaks; with a time gate, the gradient of in_proj's output is allocated after it too.
+    The scan's gradients of x, B and C land in one tensor, and those of x, B, C and the step sizes
+    before the convolution in another, with no concatenation. mamba-ssm's fused Mamba-2 block does
+    much the same, but needs the compiled causal-conv1d, has no time gate, and uses SiLU only.
     """
 
     @staticmethod
@@ -502,22 +497,26 @@ class FusedSSDBlock(torch.autograd.Function):
         # the convolution and its activation again, the scan's backward into one tensor, then the
         # convolution's backward straight into the gradient of in_proj's output
         xBCdt = F.linear(u2, w_rest, b_rest).view(*u.shape[:-1], -1)  # [B L E+2N+H]
-        xBC, dt_in = torch.split(xBCdt, [E + 2 * block.d_state, block.nheads], dim=-1)
-        dxBCdt = torch.empty_like(xBCdt)
-        dxBC, ddt_in = torch.split(dxBCdt, [E + 2 * block.d_state, block.nheads], dim=-1)
+        sizes = [E + 2 * block.d_state, block.nheads]
+        xBC, dt_in = torch.split(xBCdt, sizes, dim=-1)
+        if gate is None:  # the scan writes the step sizes' gradient into in_proj's output's
+            dxBCdt = torch.empty_like(xBCdt)
+            dt, ddt = dt_in, dxBCdt[..., sizes[0]:]
+        else:  # into a tensor of its own: in_proj's comes after the scan's backward (the peak)
+            dt, ddt = dt_in * gate, torch.empty_like(dt_in)
         conv_out = kernels.conv_fwd(xBC, conv_weight, conv_bias, block.conv_activation)
         dconv_out = torch.empty_like(conv_out)  # [B L E+2N]
         dx, dB, dC = block.split_conv_output(dconv_out)
-        dt = dt_in if gate is None else dt_in * gate
-        ddt = ddt_in if gate is None else torch.empty_like(dt)
         x, B, C = block.split_conv_output(conv_out)
         dA, dD, ddt_bias = kernels.scan_bwd(dy.view_as(x), x, dt, A, B, C, y, block.chunk_size, D,
                                             dt_bias, block.dt_limit, dx, ddt, dB, dC)
         del conv_out, x, B, C, dy
         dgate = None
         if gate is not None:
-            torch.mul(ddt, gate, out=ddt_in)
+            dxBCdt = torch.empty_like(xBCdt)
+            torch.mul(ddt, gate, out=dxBCdt[..., sizes[0]:])
             dgate = ddt * dt_in
+        dxBC = dxBCdt[..., :sizes[0]]
         _, dconv_weight, dconv_bias = kernels.conv_bwd(xBC, conv_weight, conv_bias, dconv_out,
                                                        block.conv_activation, dxBC)
         del xBCdt, xBC, dt_in, dconv_out

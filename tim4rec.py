@@ -70,8 +70,8 @@ def triton_ffn_kernels() -> FFNKernels:
         seed = draw_seed(pre.device) if p > 0 else None
         return act_dropout(pre, p, seed), seed
 
-    def bwd(dhidden, pre, p, seed):
-        return act_dropout_bwd(dhidden, pre, p, seed, recompute_output=True)
+    def bwd(dhidden, pre, p, seed):  # dhidden is the node's own: its gradient goes over it
+        return act_dropout_bwd(dhidden, pre, p, seed, recompute_output=True, overwrite_dout=True)
 
     return FFNKernels(fwd, bwd)
 
@@ -123,6 +123,32 @@ def dropout_add_layer_norm(x, residual, dropout: nn.Dropout, norm: nn.LayerNorm,
                                 dropout.p if dropout.training else 0.0)
     out = dropout(x)
     return norm(out if residual is None else out + residual)
+
+
+class _ItemLookup(torch.autograd.Function):
+    """``F.embedding(indices, weight, padding_idx)`` whose weight gradient is summed by
+    :func:`kernels.embedding_grad.embedding_grad` (atomic additions in one pass) rather than by
+    PyTorch's sort and sums of runs: the same sums in another order."""
+
+    @staticmethod
+    def forward(ctx, indices, weight, padding_idx):
+        ctx.save_for_backward(indices)
+        ctx.num_rows, ctx.padding_idx = weight.shape[0], padding_idx
+        return F.embedding(indices, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad):  # [.. N]
+        from kernels.embedding_grad import embedding_grad
+
+        (indices,) = ctx.saved_tensors
+        return None, embedding_grad(indices, grad, ctx.num_rows, ctx.padding_idx), None
+
+
+def embedding_lookup(embedding: nn.Embedding, indices, fused: bool):
+    """``embedding(indices)``; ``fused`` (CUDA): its weight gradient by :class:`_ItemLookup`."""
+    if fused and embedding.weight.requires_grad and torch.is_grad_enabled():
+        return _ItemLookup.apply(indices, embedding.weight, embedding.padding_idx)
+    return embedding(indices)
 
 
 class FeedForward(nn.Module):
@@ -211,7 +237,10 @@ class TiM4Rec(ItemScoring, SequentialRecommender):
 
         On the Triton path with ``fused`` (the default), dropout masks are drawn by this project's
         Triton kernels (:mod:`kernels.dropout`): nn.Dropout's distribution, not its random stream,
-        so a seed gives other masks than upstream's. ``fused: False`` uses nn.Dropout.
+        so a seed gives other masks than upstream's; the item embedding's gradient is summed by
+        atomic additions (:mod:`kernels.embedding_grad`), in an order that varies from run to run
+        (PyTorch's sums under ``torch.use_deterministic_algorithms``). ``fused: False`` uses
+        nn.Dropout and PyTorch's embedding.
     """
 
     def __init__(self, config, dataset):
@@ -223,6 +252,7 @@ class TiM4Rec(ItemScoring, SequentialRecommender):
         self.is_time = config["is_time"]
         self.time_mask_padding = config["time_mask_padding"]
         self.is_kai_ming_init = config["is_kai_ming_init"]
+        self.fused = config["fused"]
         if config["loss_type"] != "CE":
             raise ValueError(f"TiM4Rec trains with loss_type CE only, got {config['loss_type']!r}")
         if self.num_layers < 1:
@@ -284,7 +314,9 @@ class TiM4Rec(ItemScoring, SequentialRecommender):
 
     def encode(self, item_seq, item_seq_len, timestamps=None):
         """The hidden state at every position [B L D]."""
-        h = self.in_layer_norm(self.dropout(self.item_embedding(item_seq)))  # [B L D]
+        fused = self.fused and uses_triton(self.ssd_backend, item_seq)
+        h = dropout_add_layer_norm(embedding_lookup(self.item_embedding, item_seq, fused), None,
+                                   self.dropout, self.in_layer_norm, fused)  # [B L D]
         tau = self.time_signal(timestamps, item_seq_len) if self.is_time else None
         for layer in self.ssd_layers:
             h, tau = layer(h, tau)

@@ -80,14 +80,17 @@ def act_dropout(pre, p: float, seed, activation: str = "hardswish"):
 
 
 def act_dropout_bwd(dout, pre, p: float, seed, activation: str = "hardswish",
-                    recompute_output: bool = False):
+                    recompute_output: bool = False, overwrite_dout: bool = False):
     """The gradient of ``pre`` given that of :func:`act_dropout`'s output, and that output again
-    when ``recompute_output`` (else None): ``(dpre, out)``."""
+    when ``recompute_output`` (else None): ``(dpre, out)``. ``overwrite_dout``: dpre is written
+    over ``dout`` when it is contiguous (each element is read before its own is written), one
+    tensor the size of the hidden layer less at the FFN's backward."""
     grid, constants = _launch(pre, p, activation)
     if dout.shape != pre.shape:
         raise ValueError(f"dout must be shaped like pre {tuple(pre.shape)}, got {tuple(dout.shape)}")
+    in_place = overwrite_dout and dout.is_contiguous()
     dout = dout.contiguous()
-    dpre = torch.empty_like(pre)
+    dpre = dout if in_place else torch.empty_like(pre)
     out = torch.empty_like(pre) if recompute_output else None
     if grid:
         _act_dropout_bwd_kernel[(grid,)](dout, pre, seed, dpre, out, pre.numel(), p,

@@ -30,9 +30,12 @@ BLOCK_ELEMENTS = 2048  # elements per program: 32 rows of 64, 8 rows of 256
 MAX_WIDTH = 8192
 
 
-@triton.jit
-def _add_norm_fwd_kernel(X, RES, W, B, SEED, Y, S, MEAN, RSTD, M, N, eps, p, scale,
-                         HAS_RES: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_SUM: tl.constexpr,
+# has_res and store_dres are run-time flags, not constants: the layer ends (with a residual)
+# and the model's input (without) share one compiled kernel each way (one compilation less each
+# on a cold start).
+@triton.jit(do_not_specialize=["has_res"])
+def _add_norm_fwd_kernel(X, RES, W, B, SEED, Y, S, MEAN, RSTD, M, N, eps, p, scale, has_res,
+                         HAS_DROPOUT: tl.constexpr, STORE_SUM: tl.constexpr,
                          DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -41,7 +44,7 @@ def _add_norm_fwd_kernel(X, RES, W, B, SEED, Y, S, MEAN, RSTD, M, N, eps, p, sca
     s = tl.load(X + offsets, mask=inside, other=0.0).to(DTYPE)
     if HAS_DROPOUT:
         s = tl.where(keep_element(SEED, offsets, p), s * scale, 0.0)
-    if HAS_RES:
+    if has_res:
         s += tl.load(RES + offsets, mask=inside, other=0.0).to(DTYPE)
     if STORE_SUM:
         tl.store(S + offsets, s.to(S.dtype.element_ty), mask=inside)
@@ -56,9 +59,9 @@ def _add_norm_fwd_kernel(X, RES, W, B, SEED, Y, S, MEAN, RSTD, M, N, eps, p, sca
     tl.store(RSTD + rows, rstd, mask=rows < M)
 
 
-@triton.jit
-def _add_norm_bwd_kernel(S, W, DY, MEAN, RSTD, SEED, DX, DRES, DW, DB, M, N, p, scale,
-                         HAS_DROPOUT: tl.constexpr, STORE_DRES: tl.constexpr, DTYPE: tl.constexpr,
+@triton.jit(do_not_specialize=["store_dres"])
+def _add_norm_bwd_kernel(S, W, DY, MEAN, RSTD, SEED, DX, DRES, DW, DB, M, N, p, scale, store_dres,
+                         HAS_DROPOUT: tl.constexpr, DTYPE: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -75,7 +78,7 @@ def _add_norm_bwd_kernel(S, W, DY, MEAN, RSTD, SEED, DX, DRES, DW, DB, M, N, p, 
     mean_xhat_wdy = tl.sum(xhat * wdy, axis=1) / N
     mean_wdy = tl.sum(wdy, axis=1) / N
     ds = (wdy - xhat * mean_xhat_wdy[:, None] - mean_wdy[:, None]) * rstd[:, None]
-    if STORE_DRES:
+    if store_dres:
         tl.store(DRES + offsets, ds.to(DRES.dtype.element_ty), mask=inside)
     if HAS_DROPOUT:
         ds = tl.where(keep_element(SEED, offsets, p), ds * scale, 0.0)
@@ -111,8 +114,8 @@ def _forward(x, residual, weight, bias, eps: float, p: float, seed, keep_sum: bo
     rstd = torch.empty(rows, device=x.device, dtype=acc)
     if rows:
         _add_norm_fwd_kernel[(grid,)](
-            x, residual, weight, bias, seed, y, s, mean, rstd, rows, width, eps, p,
-            dropout_scale(p), HAS_RES=residual is not None, HAS_DROPOUT=p > 0,
+            x, x if residual is None else residual, weight, bias, seed, y, s, mean, rstd, rows,
+            width, eps, p, dropout_scale(p), int(residual is not None), HAS_DROPOUT=p > 0,
             STORE_SUM=keep_sum, DTYPE=tl_dtype, **constants)
     return y, s, mean, rstd
 
@@ -142,9 +145,9 @@ class _DropoutAddNorm(torch.autograd.Function):
         db = torch.empty((grid, width), device=s.device, dtype=acc)
         if rows:
             _add_norm_bwd_kernel[(grid,)](
-                s, weight, dy, mean, rstd, seed, dx, dres, dw, db, rows, width, ctx.p,
-                dropout_scale(ctx.p), HAS_DROPOUT=ctx.p > 0,
-                STORE_DRES=dres is not None, DTYPE=tl_dtype, **constants)
+                s, weight, dy, mean, rstd, seed, dx, dx if dres is None else dres, dw, db, rows,
+                width, ctx.p, dropout_scale(ctx.p), int(dres is not None), HAS_DROPOUT=ctx.p > 0,
+                DTYPE=tl_dtype, **constants)
         if ctx.has_residual and dres is None:
             dres = dx
         return dx, dres, dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype), None, None

@@ -66,14 +66,19 @@ def conv_errors(device: str, dtype: torch.dtype) -> dict:
 
 
 def fused_block_errors(device: str, dtype: torch.dtype) -> dict:
-    """FusedSSDBlock with the PyTorch scan and norm and the Triton convolution (in the node and in
-    the time branch), against the module path: output and every gradient."""
+    """FusedSSDBlock with the PyTorch scan and the Triton convolution (in the node and in the time
+    branch) and gated RMSNorm, against the module path: output and every gradient."""
     import ssd
     from kernels.causal_conv import causal_conv_act, causal_conv_act_bwd, causal_conv_act_fn
+    from kernels.gated_norm import gated_rms_norm, gated_rms_norm_bwd
     from tests.test_ssd import block_outputs_and_grads
 
+    def norm_bwd(dout, y, z, weight, eps, rstd, dz):
+        return gated_rms_norm_bwd(dout, y, z, weight, rstd, dz)
+
     kernels = ssd.torch_block_kernels()._replace(
-        conv_fwd=causal_conv_act, conv_bwd=causal_conv_act_bwd, conv=causal_conv_act_fn)
+        conv_fwd=causal_conv_act, conv_bwd=causal_conv_act_bwd, conv=causal_conv_act_fn,
+        norm_fwd=gated_rms_norm, norm_bwd=norm_bwd)
     torch.manual_seed(0)
     block = ssd.TimeAwareSSD(16, max_seq_length=12, d_state=8, head_dim=8, chunk_size=4,
                              backend="torch").to(device, dtype).eval()
@@ -196,6 +201,62 @@ def ffn_errors(device: str, dtype: torch.dtype) -> dict:
     return errors
 
 
+# (rows, width, eps): partial blocks of rows, widths that are not a power of two, 64d's and
+# 256d's inner widths.
+GATED_NORM_CASES = [(37, 128, 1e-12), (5, 70, 1e-5), (9, 512, 1e-5), (3, 1030, 1e-5)]
+
+
+def gated_norm_errors(device: str, dtype: torch.dtype) -> dict:
+    """The gated RMSNorm: output, the three gradients and the output computed again in backward,
+    against the reference differentiated by autograd."""
+    from kernels.gated_norm import gated_rms_norm, gated_rms_norm_bwd
+    from ssd import gated_rmsnorm_ref
+
+    errors = {}
+    for rows, width, eps in GATED_NORM_CASES:
+        g = torch.Generator().manual_seed(width)
+        y, z, dout = (torch.randn(rows, width, generator=g, dtype=torch.float64).to(device, dtype)
+                      for _ in range(3))
+        weight = torch.randn(width, generator=g, dtype=torch.float64).to(device, dtype)
+        leaves = [t.clone().requires_grad_() for t in (y, z, weight)]
+        ref = gated_rmsnorm_ref(*leaves, eps)
+        ref_grads = torch.autograd.grad(ref, leaves, dout)
+        out, rstd = gated_rms_norm(y, z, weight, eps)
+        dz = torch.empty_like(z)
+        dy, dweight, again = gated_rms_norm_bwd(dout, y, z, weight, rstd, dz)
+        name = f"gated norm {rows}x{width}"
+        errors[f"{name} out"] = rel_err(out, ref)
+        for label, grad, ref_grad in zip(("dy", "dz", "dweight"), (dy, dz, dweight), ref_grads,
+                                         strict=True):
+            errors[f"{name} {label}"] = rel_err(grad, ref_grad)
+        errors[f"{name} out again"] = rel_err(again, ref)
+    return errors
+
+
+# (positions, table rows, width, padding_idx): partial blocks, a width of one block and a
+# narrower one, no padding, every position one row (all additions to one address).
+EMBEDDING_CASES = [((3, 37), 11, 64, 0), ((2, 9), 5, 130, None), ((4, 50), 7, 8, 3),
+                   ((5, 6), 1, 64, None)]
+
+
+def embedding_grad_errors(device: str, dtype: torch.dtype) -> dict:
+    """The embedding table's gradient by atomic additions, against PyTorch's; zero at padding."""
+    from kernels.embedding_grad import embedding_grad, embedding_grad_ref
+
+    errors = {}
+    for lead, rows, width, padding_idx in EMBEDDING_CASES:
+        g = torch.Generator().manual_seed(width)
+        indices = torch.randint(rows, lead, generator=g).to(device)
+        grad = torch.randn(*lead, width, generator=g, dtype=torch.float64).to(device, dtype)
+        out = embedding_grad(indices, grad, rows, padding_idx)
+        assert out.shape == (rows, width) and out.dtype == dtype
+        if padding_idx is not None:
+            assert not out[padding_idx].any(), "the padding row's gradient must stay zero"
+        name = f"embedding {'x'.join(map(str, lead))} -> {rows}x{width} padding {padding_idx}"
+        errors[name] = rel_err(out, embedding_grad_ref(indices, grad, rows, padding_idx))
+    return errors
+
+
 def dropout_mask_checks(device: str) -> None:
     """A mask drops about p of its elements, and two seeds give two masks."""
     from kernels.dropout import draw_seed, dropout_mask
@@ -209,7 +270,8 @@ def all_errors(device: str, dtype: torch.dtype) -> dict:
     dropout_mask_checks(device)
     return {**conv_errors(device, dtype), **fused_block_errors(device, dtype),
             **add_norm_errors(device, dtype), **act_dropout_errors(device, dtype),
-            **ffn_errors(device, dtype)}
+            **ffn_errors(device, dtype), **gated_norm_errors(device, dtype),
+            **embedding_grad_errors(device, dtype)}
 
 
 if __name__ == "__main__":

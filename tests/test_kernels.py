@@ -76,3 +76,49 @@ def test_dropout_kernels_refuse_what_they_cannot_compute():
         act_dropout(torch.empty((50_000, 200, 256), device="meta"), 0.2, None)
     with pytest.raises(ValueError, match="contiguous"):
         act_dropout(torch.empty((4, 256), device="meta").t(), 0.2, None)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton installed")
+def test_embedding_grad_refuses_what_it_cannot_compute():
+    """Indices that do not match the gradient's positions, rows wider than a block, a table beyond
+    32-bit offsets: a clear error before any launch; deterministic algorithms: PyTorch's sums."""
+    from kernels.embedding_grad import MAX_WIDTH, embedding_grad
+
+    grad = torch.empty((4, 50, 64), device="meta")
+    with pytest.raises(ValueError, match="do not match"):
+        embedding_grad(torch.empty((4, 49), device="meta", dtype=torch.long), grad, 10, 0)
+    with pytest.raises(ValueError, match="wider than"):
+        embedding_grad(torch.empty(3, device="meta", dtype=torch.long),
+                       torch.empty((3, MAX_WIDTH + 1), device="meta"), 10, 0)
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        embedding_grad(torch.empty((4, 50), device="meta", dtype=torch.long), grad, 40_000_000, 0)
+    indices = torch.tensor([[1, 0, 2, 1]])
+    grad = torch.randn(1, 4, 3, dtype=torch.float64)
+    torch.use_deterministic_algorithms(True)
+    try:  # no launch: on the CPU without the interpreter, a launch would fail
+        out = embedding_grad(indices, grad, 3, 0)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    expected = torch.stack([torch.zeros(3, dtype=torch.float64), grad[0, 0] + grad[0, 3],
+                            grad[0, 2]])
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton installed")
+def test_gated_norm_refuses_what_it_cannot_compute():
+    """y and z of other shapes, rows wider than a block, strided columns, a dz it cannot write:
+    a clear error before any launch."""
+    from kernels.gated_norm import MAX_WIDTH, gated_rms_norm, gated_rms_norm_bwd
+
+    y, weight = torch.empty((6, 128), device="meta"), torch.empty(128, device="meta")
+    with pytest.raises(ValueError, match="rows and weight"):
+        gated_rms_norm(y, y[:5], weight, 1e-5)
+    wide = torch.empty((2, MAX_WIDTH + 1), device="meta")
+    with pytest.raises(ValueError, match="1 to"):
+        gated_rms_norm(wide, wide, torch.empty(MAX_WIDTH + 1, device="meta"), 1e-5)
+    strided = torch.empty((128, 6), device="meta").t()
+    with pytest.raises(ValueError, match="rows of y and z must be contiguous"):
+        gated_rms_norm(y, strided, weight, 1e-5)
+    rstd = torch.empty(6, device="meta")
+    with pytest.raises(ValueError, match="dz must be"):
+        gated_rms_norm_bwd(y, y, y, weight, rstd, strided)
