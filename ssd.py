@@ -499,7 +499,7 @@ class FusedSSDBlock(torch.autograd.Function):
         xBCdt = F.linear(u2, w_rest, b_rest).view(*u.shape[:-1], -1)  # [B L E+2N+H]
         sizes = [E + 2 * block.d_state, block.nheads]
         xBC, dt_in = torch.split(xBCdt, sizes, dim=-1)
-        if gate is None:  # the scan writes the step sizes' gradient into in_proj's output's
+        if gate is None:  # the scan writes dt's gradient straight into that of in_proj's output
             dxBCdt = torch.empty_like(xBCdt)
             dt, ddt = dt_in, dxBCdt[..., sizes[0]:]
         else:  # into a tensor of its own: in_proj's comes after the scan's backward (the peak)
