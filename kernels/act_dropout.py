@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import check_offsets
+from kernels import accumulation_dtypes, check_offsets
 from kernels.activations import ACTIVATIONS, act_fn, act_grad
 from kernels.dropout import BLOCK, check_probability, dropout_scale, keep_element
 
@@ -62,7 +62,7 @@ def _launch(pre, p: float, activation: str) -> tuple[int, dict]:
     check_probability(p)
     check_offsets("act_dropout", pre)
     constants = {"ACT": ACTIVATIONS.index(activation), "HAS_DROPOUT": p > 0,
-                 "DTYPE": tl.float64 if pre.dtype == torch.float64 else tl.float32,
+                 "DTYPE": accumulation_dtypes(pre.dtype)[0],
                  "BLOCK": BLOCK}
     return triton.cdiv(pre.numel(), BLOCK), constants
 
@@ -83,14 +83,13 @@ def act_dropout_bwd(dout, pre, p: float, seed, activation: str = "hardswish",
                     recompute_output: bool = False, overwrite_dout: bool = False):
     """The gradient of ``pre`` given that of :func:`act_dropout`'s output, and that output again
     when ``recompute_output`` (else None): ``(dpre, out)``. ``overwrite_dout``: dpre is written
-    over ``dout`` when it is contiguous (each element is read before its own is written), one
-    tensor the size of the hidden layer less at the FFN's backward."""
+    over ``dout`` (or over its contiguous copy; each element is read before its own is written),
+    one tensor the size of the hidden layer less at the FFN's backward."""
     grid, constants = _launch(pre, p, activation)
     if dout.shape != pre.shape:
         raise ValueError(f"dout must be shaped like pre {tuple(pre.shape)}, got {tuple(dout.shape)}")
-    in_place = overwrite_dout and dout.is_contiguous()
     dout = dout.contiguous()
-    dpre = dout if in_place else torch.empty_like(pre)
+    dpre = dout if overwrite_dout else torch.empty_like(pre)
     out = torch.empty_like(pre) if recompute_output else None
     if grid:
         _act_dropout_bwd_kernel[(grid,)](dout, pre, seed, dpre, out, pre.numel(), p,

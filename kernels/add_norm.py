@@ -23,11 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import check_offsets
+from kernels import accumulation_dtypes, check_offsets, row_blocks
 from kernels.dropout import check_probability, draw_seed, dropout_scale, keep_element
 
 BLOCK_ELEMENTS = 2048  # elements per program: 32 rows of 64, 8 rows of 256
-MAX_WIDTH = 8192
 
 
 # has_res and store_dres are run-time flags, not constants: the layer ends (with a residual)
@@ -89,25 +88,16 @@ def _add_norm_bwd_kernel(S, W, DY, MEAN, RSTD, SEED, DX, DRES, DW, DB, M, N, p, 
 
 def _blocks(rows: int, width: int) -> tuple[int, dict]:
     """The grid size and the block constants for ``rows`` rows of ``width``."""
-    if not 0 < width <= MAX_WIDTH:
-        raise ValueError(f"dropout_add_norm: the last axis must have 1 to {MAX_WIDTH} elements, "
-                         f"got {width}")
-    block_n = triton.next_power_of_2(width)
-    block_m = max(1, BLOCK_ELEMENTS // block_n)
-    constants = {"BLOCK_M": block_m, "BLOCK_N": block_n,
-                 "num_warps": min(16, max(4, block_n // 512))}
-    return triton.cdiv(rows, block_m), constants
-
-
-def _acc_dtype(dtype: torch.dtype):
-    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
+    grid, block_m, block_n = row_blocks("dropout_add_norm", rows, width, BLOCK_ELEMENTS)
+    return grid, {"BLOCK_M": block_m, "BLOCK_N": block_n,
+                  "num_warps": min(16, max(4, block_n // 512))}
 
 
 def _forward(x, residual, weight, bias, eps: float, p: float, seed, keep_sum: bool):
     """Rows [M N] in; ``(y, s or None, mean, rstd)`` out."""
     rows, width = x.shape
     grid, constants = _blocks(rows, width)
-    tl_dtype, acc = _acc_dtype(x.dtype)
+    tl_dtype, acc = accumulation_dtypes(x.dtype)
     y = torch.empty_like(x)
     s = torch.empty_like(x) if keep_sum else None
     mean = torch.empty(rows, device=x.device, dtype=acc)
@@ -136,7 +126,7 @@ class _DropoutAddNorm(torch.autograd.Function):
         s, weight, mean, rstd, seed = ctx.saved_tensors
         rows, width = s.shape
         grid, constants = _blocks(rows, width)
-        tl_dtype, acc = _acc_dtype(s.dtype)
+        tl_dtype, acc = accumulation_dtypes(s.dtype)
         dy = dy.contiguous()
         dx = torch.empty_like(s)
         # Without dropout, the residual's gradient is x's: one tensor for both.

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import check_offsets
+from kernels import accumulation_dtypes, check_offsets
 from kernels.activations import ACTIVATIONS, act_fn, act_grad
 
 BLOCK_ELEMENTS, MAX_BLOCK_C, NUM_WARPS = 2048, 64, 4
@@ -129,7 +129,7 @@ def _launch_args(x, weight, activation):
     block_l = min(BLOCK_ELEMENTS // block_c, max(16, triton.next_power_of_2(length)))
     n_lblocks = triton.cdiv(length, block_l)
     grid = (batch * n_lblocks, triton.cdiv(channels, block_c))
-    constants = {"K": width, "DTYPE": tl.float64 if x.dtype == torch.float64 else tl.float32,
+    constants = {"K": width, "DTYPE": accumulation_dtypes(x.dtype)[0],
                  "BLOCK_L": block_l, "BLOCK_C": block_c, "num_warps": NUM_WARPS}
     return weight.reshape(channels, width).contiguous(), n_lblocks, grid, constants
 
@@ -169,7 +169,7 @@ def causal_conv_act_bwd(x, weight, bias, dout, activation: str = "hardswish", dx
                                    n_lblocks, x.stride(0), x.stride(1), dout.stride(0),
                                    dout.stride(1), dpre.stride(0), dpre.stride(1),
                                    ACT=ACTIVATIONS.index(activation), **constants)
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc_dtype = accumulation_dtypes(x.dtype)[1]
     dw = torch.empty((grid[0], channels, w.shape[1]), device=x.device, dtype=acc_dtype)
     db = torch.empty((grid[0], channels), device=x.device, dtype=acc_dtype)
     _causal_conv_dx_kernel[grid](x, w, dpre, dx, dw, db, length, channels, n_lblocks, x.stride(0),

@@ -19,10 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import check_offsets
+from kernels import accumulation_dtypes, check_offsets, row_blocks
 
 BLOCK_ELEMENTS = 2048  # elements per program: 32 rows of 64, 8 rows of 256
-MAX_WIDTH = 8192
 
 
 @triton.jit
@@ -47,22 +46,18 @@ def embedding_grad(indices, grad, num_rows: int, padding_idx: int | None = None)
     if torch.are_deterministic_algorithms_enabled():
         return embedding_grad_ref(indices, grad, num_rows, padding_idx)
     width = grad.shape[-1]
-    if width > MAX_WIDTH:
-        raise ValueError(f"embedding_grad: rows of {width} are wider than {MAX_WIDTH}")
+    grid, block_m, block_n = row_blocks("embedding_grad", indices.numel(), width, BLOCK_ELEMENTS)
     if indices.shape != grad.shape[:-1]:
         raise ValueError(f"embedding_grad: indices of shape {tuple(indices.shape)} do not match "
                          f"a gradient of shape {tuple(grad.shape)}")
     indices, grad = indices.reshape(-1), grad.reshape(-1, width)
     if grad.stride(-1) != 1:
         grad = grad.contiguous()
-    out = torch.zeros(num_rows, width, device=grad.device,
-                      dtype=torch.float64 if grad.dtype == torch.float64 else torch.float32)
+    out = torch.zeros(num_rows, width, device=grad.device, dtype=accumulation_dtypes(grad.dtype)[1])
     check_offsets("embedding_grad", grad, out)
-    rows, block_n = indices.numel(), triton.next_power_of_2(width)
-    block_m = max(1, BLOCK_ELEMENTS // block_n)
-    if rows:
-        _embedding_grad_kernel[(triton.cdiv(rows, block_m),)](
-            indices, grad, out, rows, width, -1 if padding_idx is None else padding_idx,
+    if grid:
+        _embedding_grad_kernel[(grid,)](
+            indices, grad, out, indices.numel(), width, -1 if padding_idx is None else padding_idx,
             grad.stride(0), BLOCK_M=block_m, BLOCK_N=block_n)
     return out.to(grad.dtype)
 

@@ -21,10 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import check_offsets
+from kernels import accumulation_dtypes, check_offsets, row_blocks
 
 BLOCK_ELEMENTS = 4096  # elements per program: 32 rows of 128, 8 rows of 512
-MAX_WIDTH = 8192
 
 
 @triton.jit
@@ -70,26 +69,17 @@ def _gated_norm_bwd_kernel(DOUT, Y, Z, W, RSTD, DY, DZ, OUT, DW, M, N, stride_y,
 
 
 def _launch(y, z, weight):
-    """Check the rows; the grid size, the block constants and the accumulation dtypes."""
+    """Check the rows; the grid size, the block constants and the accumulation dtype."""
     if y.dim() != 2 or z.shape != y.shape or weight.shape != y.shape[-1:]:
         raise ValueError(f"gated_rms_norm: y and z must be [M E] rows and weight [E], got "
                          f"{tuple(y.shape)}, {tuple(z.shape)} and {tuple(weight.shape)}")
-    width = y.shape[-1]
-    if not 0 < width <= MAX_WIDTH:
-        raise ValueError(f"gated_rms_norm: rows must have 1 to {MAX_WIDTH} elements, got {width}")
+    grid, block_m, block_n = row_blocks("gated_rms_norm", y.shape[0], y.shape[-1], BLOCK_ELEMENTS)
     if y.stride(-1) != 1 or z.stride(-1) != 1:
         raise ValueError("gated_rms_norm: the rows of y and z must be contiguous")
     check_offsets("gated_rms_norm", y, z)
-    block_n = triton.next_power_of_2(width)
-    block_m = max(1, BLOCK_ELEMENTS // block_n)
-    constants = {"BLOCK_M": block_m, "BLOCK_N": block_n,
-                 "num_warps": min(16, max(4, block_n // 256))}
-    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
-    return triton.cdiv(y.shape[0], block_m), constants, acc
-
-
-def _tl_dtype(acc: torch.dtype):
-    return tl.float64 if acc == torch.float64 else tl.float32
+    tl_dtype, acc = accumulation_dtypes(y.dtype)
+    return grid, {"BLOCK_M": block_m, "BLOCK_N": block_n, "DTYPE": tl_dtype,
+                  "num_warps": min(16, max(4, block_n // 256))}, acc
 
 
 def gated_rms_norm(y, z, weight, eps: float):
@@ -100,8 +90,7 @@ def gated_rms_norm(y, z, weight, eps: float):
     rstd = torch.empty(y.shape[0], device=y.device, dtype=acc)
     if y.shape[0]:
         _gated_norm_fwd_kernel[(grid,)](y, z, weight.contiguous(), out, rstd, y.shape[0],
-                                        y.shape[1], y.stride(0), z.stride(0), eps,
-                                        DTYPE=_tl_dtype(acc), **constants)
+                                        y.shape[1], y.stride(0), z.stride(0), eps, **constants)
     return out, rstd
 
 
@@ -120,5 +109,5 @@ def gated_rms_norm_bwd(dout, y, z, weight, rstd, dz):
     if y.shape[0]:
         _gated_norm_bwd_kernel[(grid,)](dout, y, z, weight.contiguous(), rstd, dy, dz, out, dw,
                                         y.shape[0], y.shape[1], y.stride(0), z.stride(0),
-                                        DTYPE=_tl_dtype(acc), **constants)
+                                        **constants)
     return dy, dw.sum(0).to(weight.dtype), out
