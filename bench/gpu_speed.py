@@ -26,9 +26,11 @@ Each setting runs in its own process, on one real batch and the real data loader
   ``loading``: one pass over the training loader with the batches copied to the GPU, no model.
 - **eval**: full-sort evaluation of the test set through the trainer.
 - **first step**: TiM4Rec's first training step in a fresh process, with fresh Triton and autotune
-  caches (``cold``: the shipped autotune choices of ``config/autotune.json`` apply on a GPU they
-  name; ``cold, no shipped choices``: every kernel autotuned), and again in the same caches
-  (``warm``: the same config already ran on this machine).
+  caches, as the trainer takes it: its kernels compiled side by side first
+  (:mod:`pipeline.precompile`). ``cold``: the shipped autotune choices of ``config/autotune.json``
+  apply on a GPU they name; ``cold, one by one``: each kernel compiled at its first launch instead
+  (``compile_ahead: False``); ``cold, no shipped choices``: every kernel autotuned; ``warm``: again
+  in the same caches (the same config already ran on this machine).
 - **floor**: the step's FLOPs and the bytes it must move (written out in :func:`floor`), over the
   card's peak rates: how far each setting is from the hardware, and which of the two bounds it.
 
@@ -296,11 +298,12 @@ def child(setting: str, data_path: str, quick: bool, profile: bool, models=MODEL
     return out
 
 
-def first_step_child(setting: str, data_path: str, shipped: bool) -> dict:
-    """TiM4Rec's first training step in this (fresh) process."""
+def first_step_child(setting: str, data_path: str, shipped: bool, ahead: bool) -> dict:
+    """TiM4Rec's first training step in this (fresh) process, as the trainer takes it: with
+    ``ahead``, its kernels compiled side by side first (:mod:`pipeline.precompile`)."""
     import torch
 
-    from pipeline import autotune
+    from pipeline import autotune, precompile
 
     if not shipped:
         autotune.SHIPPED = Path(os.devnull)
@@ -311,13 +314,16 @@ def first_step_child(setting: str, data_path: str, shipped: bool) -> dict:
     batch = next(iter(train_data)).to("cuda")
     model = _model(spec, config, train_data.dataset)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    out = {}
 
     def step():
+        if ahead:
+            out.update(precompile.compile_step(model, batch))
         optimizer.zero_grad(set_to_none=True)
         model.calculate_loss(batch).backward()
         optimizer.step()
-    seconds, _ = _sync_time(step)
-    return {"first_s": seconds}  # (the new choices are saved at exit, for the warm run)
+    out["first_s"], _ = _sync_time(step)
+    return out  # (the new choices are saved at exit, for the warm run)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -379,20 +385,25 @@ def _run_child(args: list[str], env: dict | None = None) -> dict:
 
 
 def first_steps(setting: str, data_path: str, quick: bool) -> dict:
-    """Cold and warm first steps, each in a fresh process, with throwaway cache folders."""
+    """Cold and warm first steps, each in a fresh process, with throwaway cache folders; cold also
+    with each kernel compiled at its first launch (no compiling ahead), the way it was before."""
     out = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        caches = {"TRITON_CACHE_DIR": f"{tmp}/triton",
-                  "TIM4REC_AUTOTUNE_CACHE": f"{tmp}/autotune.json"}
-        out["cold"] = _run_child(["--first-step", setting, f"--data_path={data_path}"], caches)
-        out["warm"] = _run_child(["--first-step", setting, f"--data_path={data_path}"], caches)
+    runs = [("cold", "warm", [])]
+    runs += [("cold, one by one", None, ["--no-ahead"])]
     if not quick and setting == "a":
+        runs += [("cold, no shipped choices", None, ["--no-shipped"])]
+    for cold, warm, flags in runs:
         with tempfile.TemporaryDirectory() as tmp:
             caches = {"TRITON_CACHE_DIR": f"{tmp}/triton",
                       "TIM4REC_AUTOTUNE_CACHE": f"{tmp}/autotune.json"}
-            out["cold, no shipped choices"] = _run_child(
-                ["--first-step", setting, f"--data_path={data_path}", "--no-shipped"], caches)
-    return {k: v["first_s"] for k, v in out.items()}
+            args = ["--first-step", setting, f"--data_path={data_path}", *flags]
+            out[cold] = _run_child(args, caches)
+            if warm:
+                out[warm] = _run_child(args, caches)
+    firsts = {k: v["first_s"] for k, v in out.items()}
+    # kernels, failed, dry_s, compile_s of the cold run (pipeline.precompile.compile_ahead)
+    firsts["cold parts"] = {k: v for k, v in out["cold"].items() if k != "first_s"}
+    return firsts
 
 
 def markdown(results: list[dict]) -> str:
@@ -415,12 +426,12 @@ def markdown(results: list[dict]) -> str:
                 f"{epoch} | {budget:.1f} | {row.get('eval_s', float('nan')):.1f} |")
     lines += ["", ("| setting | batch x L, D | items | batches | loading s | GFLOP | GB moved |"
                    " FLOPs ms | bytes ms | bound | TiM4Rec graph / floor | first step s (cold, warm"
-                   "; no shipped choices) |"), "|" + "---|" * 12]
+                   "; cold one by one; no shipped choices) |"), "|" + "---|" * 12]
     for r in results:
         f, first = r["floor"], r.get("first_step", {})
         firsts = ", ".join(f"{first[k]:.1f}" for k in ("cold", "warm") if k in first)
-        if "cold, no shipped choices" in first:
-            firsts += f"; {first['cold, no shipped choices']:.1f}"
+        for key in ("cold, one by one", "cold, no shipped choices"):
+            firsts += f"; {first[key]:.1f}" if key in first else "; -"
         graph = r["rows"].get("TiM4Rec graph", {})
         ratio = f"{graph['step_ms'] / f['floor_ms']:.1f}" if "step_ms" in graph else "-"
         lines.append(f"| {r['setting']} | {r['batch']} x {r['length']}, {r['hidden']}d | "
@@ -457,6 +468,7 @@ def main(argv=None) -> int:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--first-step", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--no-shipped", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no-ahead", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.report:
@@ -484,7 +496,8 @@ def main(argv=None) -> int:
     if args.child or args.first_step:
         result = (child(args.child, data_path, args.quick, args.profile, models, args.skip)
                   if args.child else
-                  first_step_child(args.first_step, data_path, shipped=not args.no_shipped))
+                  first_step_child(args.first_step, data_path, shipped=not args.no_shipped,
+                                   ahead=not args.no_ahead))
         args.child_out.write_text(json.dumps(result))
         return 0
 

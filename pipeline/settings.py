@@ -128,6 +128,8 @@ def build_config(model: str | None, config_files: list[Path], overrides: dict):
     check_valid_metric(config)
     if config["cuda_graph"] not in (True, False, "auto"):
         raise UserError(f"cuda_graph must be auto, True or False, got {config['cuda_graph']!r}")
+    if config["compile_ahead"] not in (True, False):
+        raise UserError(f"compile_ahead must be True or False, got {config['compile_ahead']!r}")
     for key in ROOT_RELATIVE_KEYS:
         value = config[key]
         if value is not None and not Path(value).is_absolute():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import time
 
@@ -13,7 +14,7 @@ from torch.nn.utils import clip_grad_norm_
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from pipeline import autotune, checkpoint, cuda_graph, distributed
+from pipeline import autotune, checkpoint, cuda_graph, distributed, precompile
 from pipeline.errors import UserError
 from pipeline.runlog import RunPaths, environment
 from pipeline.settings import plain_config
@@ -73,7 +74,9 @@ class ProjectTrainer(Trainer):
     - TensorBoard under the run's folder;
     - the training loss summed on the device and read once per epoch (no ``.item()`` per step, so
       the GPU never waits for the host), with the NaN check done on that sum;
-    - on GPUs, the training step replayed as a CUDA graph (``cuda_graph``, :mod:`pipeline.cuda_graph`);
+    - on GPUs, the training step replayed as a CUDA graph (``cuda_graph``, :mod:`pipeline.cuda_graph`),
+      and its Triton kernels compiled in parallel before the first step (``compile_ahead``,
+      :mod:`pipeline.precompile`);
     - ``history``: loss, training time and validation result of every epoch, and ``best_epoch``,
       for the run's results file (:func:`pipeline.workflow.train`);
     - in a distributed run (:mod:`pipeline.distributed`): gradients averaged by
@@ -89,6 +92,8 @@ class ProjectTrainer(Trainer):
         self.distributed_loss = None  # the loss as a DDP module, in a distributed run
         self._graphed = None  # the CUDA-graph step, built at the first epoch where it is used
         self._graph_stream = None  # the side stream of its warm-up and capture, where it is used
+        self._compile_pending = (self.device.type == "cuda" and config["compile_ahead"]
+                                 and importlib.util.find_spec("triton") is not None)
         if self.device.type == "cuda":
             reason = cuda_graph.reason_not_captured(
                 config["cuda_graph"], config["model"], distributed.active(), self.optimizer,
@@ -127,6 +132,8 @@ class ProjectTrainer(Trainer):
         batches = tqdm(train_data, total=len(train_data), ncols=100, leave=False,
                        desc=set_color(f"Train {epoch_idx:>5}", "pink"), disable=not show_progress)
         for interaction in batches:
+            if self._compile_pending:
+                self._compile_ahead(interaction)
             if graphed is not None:  # takes the batch from the CPU itself, without waiting
                 total += graphed(interaction)
                 continue
@@ -151,6 +158,21 @@ class ProjectTrainer(Trainer):
         if self.device.type == "cuda" and distributed.is_main():
             autotune.save()  # now, not only at exit: a run stopped later keeps its kernel choices
         return total
+
+    def _compile_ahead(self, interaction):
+        """Compile the Triton kernels of the training step and of full-sort scoring side by side,
+        once, before the first step (:mod:`pipeline.precompile`)."""
+        self._compile_pending = False
+        try:
+            done = precompile.compile_step(self.model, interaction.to(self.device),
+                                           amp=self.enable_amp)
+        except Exception as error:  # noqa: BLE001 (e.g. a Triton without the hooks it needs)
+            self.logger.warning(f"Triton kernels not compiled ahead ({type(error).__name__}: "
+                                f"{error}); each compiles at its first launch")
+            return
+        if done["kernels"]:
+            self.logger.info(f"Triton: {done['kernels']} kernels compiled ahead in "
+                             f"{done['compile_s']:.1f} s")
 
     def fit(self, *args, **kwargs):
         try:

@@ -53,6 +53,7 @@ def run_and_fail(main, argv, capsys):
     (["--topk=[10,100]"], "topk [10, 100] needs more items"),
     (["--topk=[5]"], "valid_metric NDCG@10 is not computed"),
     (["--cuda_graph=sometimes"], "cuda_graph must be auto, True or False"),
+    (["--compile_ahead=maybe"], "compile_ahead must be True or False"),
     (["--nproc=0"], "--nproc must be at least 1"),
     (["--nproc=2", "--dataset=no-such-dataset"], "no folder"),  # said before any process starts
 ])
