@@ -25,12 +25,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 logger = logging.getLogger(__name__)
+
+
+def wanted(device, setting) -> bool:
+    """Whether a run on ``device`` with ``compile_ahead: setting`` compiles ahead: on CUDA devices
+    where Triton is installed, unless the setting is off."""
+    return (device.type == "cuda" and bool(setting)
+            and importlib.util.find_spec("triton") is not None)
 
 
 def default_workers() -> int:
@@ -168,10 +176,12 @@ def compile_ahead(run, workers: int | None = None) -> dict:
             "compile_s": done - dry}
 
 
-def compile_step(model, interaction, amp: bool = False, workers: int | None = None) -> dict:
+def compile_step(model, interaction, amp: bool = False, workers: int | None = None,
+                 train: bool = True) -> dict:
     """:func:`compile_ahead` for ``model``'s training step on ``interaction`` (a batch on the
     model's device): forward and backward of its loss, and its full-sort scores in eval mode, so
-    that the first validation finds its kernels too.
+    that the first validation finds its kernels too; with ``train`` False, the scores only (a run
+    that only evaluates).
 
     The dry pass runs on a copy of the model, which is then dropped: the model's gradients,
     buffers and mode stay as they were, and autograd hooks on its parameters (those of
@@ -182,8 +192,9 @@ def compile_step(model, interaction, amp: bool = False, workers: int | None = No
     shadow = copy.deepcopy(model).train()
 
     def run():
-        with torch.autocast(device_type="cuda", enabled=amp):
-            shadow.calculate_loss(interaction).backward()
+        if train:
+            with torch.autocast(device_type="cuda", enabled=amp):
+                shadow.calculate_loss(interaction).backward()
         shadow.eval()
         try:
             with torch.no_grad(), torch.autocast(device_type="cuda", enabled=amp):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import math
 import time
 
@@ -75,8 +74,8 @@ class ProjectTrainer(Trainer):
     - the training loss summed on the device and read once per epoch (no ``.item()`` per step, so
       the GPU never waits for the host), with the NaN check done on that sum;
     - on GPUs, the training step replayed as a CUDA graph (``cuda_graph``, :mod:`pipeline.cuda_graph`),
-      and its Triton kernels compiled in parallel before the first step (``compile_ahead``,
-      :mod:`pipeline.precompile`);
+      and its Triton kernels compiled in parallel before the first step, or before the first
+      evaluation of a run that only evaluates (``compile_ahead``, :mod:`pipeline.precompile`);
     - ``history``: loss, training time and validation result of every epoch, and ``best_epoch``,
       for the run's results file (:func:`pipeline.workflow.train`);
     - in a distributed run (:mod:`pipeline.distributed`): gradients averaged by
@@ -92,8 +91,7 @@ class ProjectTrainer(Trainer):
         self.distributed_loss = None  # the loss as a DDP module, in a distributed run
         self._graphed = None  # the CUDA-graph step, built at the first epoch where it is used
         self._graph_stream = None  # the side stream of its warm-up and capture, where it is used
-        self._compile_pending = (self.device.type == "cuda" and config["compile_ahead"]
-                                 and importlib.util.find_spec("triton") is not None)
+        self._compile_pending = precompile.wanted(self.device, config["compile_ahead"])
         if self.device.type == "cuda":
             reason = cuda_graph.reason_not_captured(
                 config["cuda_graph"], config["model"], distributed.active(), self.optimizer,
@@ -159,13 +157,13 @@ class ProjectTrainer(Trainer):
             autotune.save()  # now, not only at exit: a run stopped later keeps its kernel choices
         return total
 
-    def _compile_ahead(self, interaction):
-        """Compile the Triton kernels of the training step and of full-sort scoring side by side,
-        once, before the first step (:mod:`pipeline.precompile`)."""
+    def _compile_ahead(self, interaction, train: bool = True):
+        """Compile the Triton kernels of the training step (``train``) and of full-sort scoring
+        side by side, once, before the first step or evaluation (:mod:`pipeline.precompile`)."""
         self._compile_pending = False
         try:
             done = precompile.compile_step(self.model, interaction.to(self.device),
-                                           amp=self.enable_amp)
+                                           amp=self.enable_amp, train=train)
         except Exception as error:  # noqa: BLE001 (e.g. a Triton without the hooks it needs)
             self.logger.warning(f"Triton kernels not compiled ahead ({type(error).__name__}: "
                                 f"{error}); each compiles at its first launch")
@@ -247,6 +245,10 @@ class ProjectTrainer(Trainer):
             load_weights(self.model, checkpoint.load(path, map_location=self.device)["state_dict"],
                          path)
             self.logger.info(f"Loaded the best weights from {path}")
+        if self._compile_pending:  # a run that only evaluates: its scoring kernels
+            first = next(iter(eval_data), None)  # (interaction, ...) of a RecBole eval loader
+            if first is not None:
+                self._compile_ahead(first[0] if isinstance(first, tuple) else first, train=False)
         if distributed.active():
             return self._sharded_evaluate(eval_data, show_progress)
         return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import checkpoint
+from pipeline import checkpoint, precompile
 from pipeline.errors import UserError
 from pipeline.settings import build_config
 from pipeline.workflow import evaluate_checkpoint, train
@@ -186,3 +186,35 @@ def test_sasrec_through_the_pipeline_equals_recboles_own_run(tiny, tmp_path, mon
     for key, value in theirs.items():
         assert ours["test_result"][key] == pytest.approx(float(value), abs=1e-4), key
     assert ours["best_valid_score"] == pytest.approx(float(best_valid_score), abs=1e-4)
+
+
+def test_kernels_are_compiled_ahead_once_before_training_and_before_an_evaluation(
+        tiny, tmp_path, monkeypatch):
+    """The trainer's wiring of pipeline/precompile.py (whose dry pass needs a GPU): once, at the
+    first batch, for the training step; once before the first evaluation of a run that only
+    evaluates; never with compile_ahead False; a failure is a warning, not the end of the run."""
+    calls = []
+
+    def compile_step(model, interaction, amp=False, workers=None, train=True):
+        calls.append((train, type(interaction).__name__))
+        return {"kernels": 3, "failed": 0, "dry_s": 0.0, "compile_s": 0.0}
+
+    monkeypatch.setattr(precompile, "wanted", lambda device, setting: bool(setting))
+    monkeypatch.setattr(precompile, "compile_step", compile_step)
+    result = train(overrides=tiny, quiet=True)  # two epochs, with validation
+    assert calls == [(True, "Interaction")]
+    calls.clear()
+    evaluate_checkpoint(result["checkpoint"], quiet=True)
+    assert calls == [(False, "Interaction")]
+    calls.clear()
+    train(overrides=dict(tiny, epochs=1, compile_ahead=False), quiet=True)
+    assert calls == []
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no hooks here")
+
+    monkeypatch.setattr(precompile, "compile_step", broken)
+    again = train(overrides=dict(tiny, epochs=1), quiet=True)
+    log = (tmp_path / "log" / "TiM4Rec" / f"{again['run']}.log").read_text()
+    assert "not compiled ahead (RuntimeError: no hooks here)" in log
+    assert again["test_result"]
