@@ -306,7 +306,7 @@ def first_step_child(setting: str, data_path: str, shipped: bool, ahead: bool) -
     from pipeline import autotune, precompile
 
     if not shipped:
-        autotune.SHIPPED = Path(os.devnull)
+        autotune.SHIPPED = None
     from recbole.data import create_dataset, data_preparation
 
     config, spec = _config(None, setting, data_path)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from pipeline import ROOT
 
-SHIPPED = ROOT / "config" / "autotune.json"
+SHIPPED: Path | None = ROOT / "config" / "autotune.json"  # None: no shipped choices
 KERNEL_MODULES = "mamba_ssm.ops.triton."
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def restore() -> int:
         return 0
     gpu = _gpu()
     user = cache_file()
-    tables = [_read(user) if user else {}, _read(SHIPPED)]
+    tables = [_read(user) if user else {}, _read(SHIPPED) if SHIPPED else {}]
     put = set()
     for kernel, tuner in tuners.items():
         candidates = {str(config): config for config in tuner.configs}

@@ -123,11 +123,11 @@ def compile_requests(requests: list[tuple], workers: int) -> int:
 
     Part of Triton's compiler runs outside the Python interpreter's lock (the MLIR and LLVM passes,
     ptxas), so threads compile side by side, though not fully in parallel: 16 threads compile the
-    29 kernels of a TiM4Rec step about 4 times as fast as one thread (BENCHMARKS.md). Loading a kernel builds its launcher, a small C
-    module compiled once per kernel signature; that too is left to the threads. A kernel that fails
-    to compile or load here is skipped: its first launch compiles it again and raises where it
-    always would (an autotuner then discards that candidate, as usual). Returns the number of
-    kernels that failed to compile.
+    29 kernels of a TiM4Rec step about 4 times as fast as one thread (BENCHMARKS.md). Loading a
+    kernel builds its launcher, a small C module compiled once per kernel signature; that too is
+    left to the threads. A kernel that fails to compile or load here is skipped: its first launch
+    compiles it again and raises where it always would (an autotuner then discards that
+    candidate, as usual). Returns the number of kernels that failed to compile.
     """
     import torch
     from triton import AsyncCompileMode

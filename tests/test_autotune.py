@@ -76,3 +76,14 @@ def test_a_torn_cache_file_is_ignored_with_a_warning(tuners, tmp_path, caplog):
     (tmp_path / "user.json").write_text("{not json")
     assert autotune.restore() == 0
     assert "ignoring the autotune cache" in caplog.text
+
+
+def test_without_shipped_choices_only_the_users_come_back(tuners, tmp_path, monkeypatch, caplog):
+    name = "ssd_state_passing._state_passing_fwd_kernel"
+    shipped = {"Some GPU": {name: {"[1024]": "BLOCK: 256"}}}
+    (tmp_path / "shipped.json").write_text(json.dumps(shipped))
+    (tmp_path / "user.json").write_text(json.dumps({"Some GPU": {name: {"[64]": "BLOCK: 512"}}}))
+    monkeypatch.setattr(autotune, "SHIPPED", None)
+    assert autotune.restore() == 1
+    assert tuners[name].cache == {(64,): tuners[name].configs[1]}
+    assert "ignoring" not in caplog.text
