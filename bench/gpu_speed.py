@@ -388,8 +388,7 @@ def first_steps(setting: str, data_path: str, quick: bool) -> dict:
     """Cold and warm first steps, each in a fresh process, with throwaway cache folders; cold also
     with each kernel compiled at its first launch (no compiling ahead), the way it was before."""
     out = {}
-    runs = [("cold", "warm", [])]
-    runs += [("cold, one by one", None, ["--no-ahead"])]
+    runs = [("cold", "warm", []), ("cold, one by one", None, ["--no-ahead"])]
     if not quick and setting == "a":
         runs += [("cold, no shipped choices", None, ["--no-shipped"])]
     for cold, warm, flags in runs:

@@ -11,9 +11,9 @@ module collects them first and compiles them side by side:
    PyTorch's own operations run as usual, on whatever the skipped kernels left in their outputs;
    nothing of the dry pass is kept (see below). Where mamba-ssm's autotuner has no choice yet, the
    dry pass records the compilation of each candidate configuration and leaves the choice unmade.
-2. **Parallel compilation.** The recorded kernels are compiled by a pool of workers
-   (:func:`compile_requests`) into the process's kernel caches, and into Triton's on-disk cache.
-   The real step then finds them compiled.
+2. **Parallel compilation.** Threads compile the recorded kernels into the process's kernel
+   caches (and Triton's on-disk cache), and load them on the GPU (:func:`compile_requests`). The
+   real step then finds them compiled and loaded.
 
 What the dry pass leaves untouched: the random number generators (forked and restored, so a run's
 dropout masks do not depend on whether it compiled ahead), the autotuners' choices (new keys are
@@ -123,7 +123,9 @@ def compile_requests(requests: list[tuple], workers: int) -> int:
 
     Part of Triton's compiler runs outside the Python interpreter's lock (the MLIR and LLVM passes,
     ptxas), so threads compile side by side, though not fully in parallel: 16 threads compile the
-    29 kernels of a TiM4Rec step about 4 times as fast as one thread (BENCHMARKS.md). Loading a
+    29 kernels of a TiM4Rec step about 4 times as fast as one thread (BENCHMARKS.md). Worker
+    processes, tried instead on the same H100, were no faster for 133 kernels (18.2 s against
+    17.1 s) and slower for 29 (9.8 s against 4.5 s: each must start and import first). Loading a
     kernel builds its launcher, a small C module compiled once per kernel signature; that too is
     left to the threads. A kernel that fails to compile or load here is skipped: its first launch
     compiles it again and raises where it always would (an autotuner then discards that
