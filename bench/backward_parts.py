@@ -17,9 +17,13 @@ Prints the median time of each over 20 calls, and the largest difference from a 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from gpu_speed import median_cuda_ms  # the benchmark beside this one
+
+median_ms = functools.partial(median_cuda_ms, warmup=3)  # after 3 untimed calls
 
 # (T, rows of the gradient, columns, what): dW [rows cols] = dy [T rows]^T @ x [T cols]
 PRODUCTS = [(409600, 128, 64, "b: in_proj's z"), (409600, 196, 64, "b: in_proj without z"),
@@ -33,12 +37,6 @@ NORMS = [(409600, 128, "b"), (102400, 128, "a"), (102400, 512, "c")]
 # (T, items, share of padding, what)
 LOOKUPS = [(409600, 3267, 0.5, "b"), (102400, 18358, 0.5, "a"), (102400, 3267, 0.5, "c"),
            (409600, 3267, 0.0, "b, no padding")]
-
-
-def median_ms(fn, calls=20) -> float:
-    for _ in range(3):  # warm-up
-        fn()
-    return median_cuda_ms(fn, calls)
 
 
 def split_product(dy, x, groups):

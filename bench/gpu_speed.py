@@ -144,10 +144,13 @@ def kernel_times(run, steps=3, top=15) -> tuple[dict, dict]:
     return dict(sorted(kinds.items(), key=lambda item: -item[1])), dict(longest)
 
 
-def median_cuda_ms(run, calls: int = 20) -> float:
-    """The median GPU time (ms) of ``calls`` calls of ``run``, each between two CUDA events."""
+def median_cuda_ms(run, calls: int = 20, warmup: int = 0) -> float:
+    """The median GPU time (ms) of ``calls`` calls of ``run``, each between two CUDA events, after
+    ``warmup`` untimed calls."""
     import torch
 
+    for _ in range(warmup):
+        run()
     times = []
     for _ in range(calls):
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
