@@ -332,7 +332,7 @@ class BlockKernels(NamedTuple):
     references differentiated by autograd (:func:`torch_block_kernels`).
 
     ``scan_fwd(x, dt, A, B, C, chunk, D, dt_bias, dt_limit) -> y`` (softplus on ``dt + dt_bias``);
-    ``scan_bwd(dy, x, dt, A, B, C, y, chunk, D, dt_bias, dt_limit, dx, ddt, dB, dC) -> (dA, dD,
+    ``scan_bwd(dy, x, dt, A, B, C, chunk, D, dt_bias, dt_limit, dx, ddt, dB, dC) -> (dA, dD,
     ddt_bias)``, writing the other gradients into the four given tensors;
     ``norm_fwd(y, z, weight, eps) -> (out, rstd)`` on [T E] rows (``rstd`` may be None);
     ``norm_bwd(dout, y, z, weight, eps, rstd, dz) -> (dy, dweight, out)``, writing dz, and giving
@@ -366,9 +366,11 @@ def triton_block_kernels() -> BlockKernels:
         return ssd_combined._mamba_chunk_scan_combined_fwd(
             x, dt, A, B, C, chunk, D=D, dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit)[0]
 
-    def scan_bwd(dy, x, dt, A, B, C, y, chunk, D, dt_bias, dt_limit, dx, ddt, dB, dC):
+    def scan_bwd(dy, x, dt, A, B, C, chunk, D, dt_bias, dt_limit, dx, ddt, dB, dC):
+        # mamba-ssm reads the forward's output (its `out`) only to gate it by z, and there is no
+        # z here: x stands in for it, for the shape check
         grads = ssd_combined._mamba_chunk_scan_combined_bwd(
-            dy, x, dt, A, B, C, y, chunk, D=D, dt_bias=dt_bias, dt_softplus=True,
+            dy, x, dt, A, B, C, x, chunk, D=D, dt_bias=dt_bias, dt_softplus=True,
             dt_limit=dt_limit, dx=dx, ddt=ddt, dB=dB, dC=dC)
         _, _, dA, _, _, dD, _, ddt_bias, _ = grads
         return dA, dD, ddt_bias
@@ -391,7 +393,7 @@ def torch_block_kernels() -> BlockKernels:
         return chunk_scan_torch(x, dt, A, B, C, chunk, D=D, dt_bias=dt_bias, dt_softplus=True,
                                 dt_limit=dt_limit)
 
-    def scan_bwd(dy, x, dt, A, B, C, y, chunk, D, dt_bias, dt_limit, dx, ddt, dB, dC):
+    def scan_bwd(dy, x, dt, A, B, C, chunk, D, dt_bias, dt_limit, dx, ddt, dB, dC):
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_() for t in (x, dt, A, B, C, D, dt_bias)]
             y = scan(*leaves[:5], chunk, leaves[5], leaves[6], dt_limit)
@@ -424,13 +426,29 @@ def torch_block_kernels() -> BlockKernels:
     return BlockKernels(scan, scan_bwd, norm_fwd, norm_bwd, conv, conv_bwd, conv)
 
 
+def at_positions(x, at):  # [B L ...], [B] -> [B ...]
+    """``x[b, at[b]]`` for every b: one position of each sequence."""
+    return x[torch.arange(x.shape[0], device=x.device), at]
+
+
+def add_at_positions(x, at, rows):  # [B L ...], [B], [B ...]
+    """``x[b, at[b]] += rows[b]`` for every b, in place; returns x."""
+    return x.index_put_((torch.arange(x.shape[0], device=x.device), at), rows, accumulate=True)
+
+
+def _in_proj_parts(weight, bias, d_inner: int) -> tuple:
+    """in_proj's weight and bias as z's part and the rest's: ``((w_z, b_z), (w_rest, b_rest))``."""
+    return ((weight[:d_inner], None if bias is None else bias[:d_inner]),
+            (weight[d_inner:], None if bias is None else bias[d_inner:]))
+
+
 class FusedSSDBlock(torch.autograd.Function):
     """:class:`TimeAwareSSD` from its input to out_proj's output, as one autograd node.
 
     ``apply(u, in_weight, in_bias, gate, conv_weight, conv_bias, A, D, dt_bias, norm_weight,
-    out_weight, out_bias, block, kernels)``: ``u`` [B L D] is the block's input, ``gate`` [B L H]
-    the time gate of the step sizes (or None); ``block`` gives the sizes and settings; returns
-    [B L D].
+    out_weight, out_bias, at, block, kernels)``: ``u`` [B L D] is the block's input, ``gate``
+    [B L H] the time gate of the step sizes (or None); ``block`` gives the sizes and settings;
+    returns [B L D], or with ``at`` [B] (a position per sequence) the output there only, [B D].
 
     The same operations as the module path (in_proj, convolution and activation, scan, gated
     RMSNorm, out_proj), with the functions of ``kernels`` (on the GPU: mamba-ssm's scan,
@@ -446,53 +464,67 @@ class FusedSSDBlock(torch.autograd.Function):
     The scan's gradients of x, B and C land in one tensor, and those of x, B, C and the step sizes
     before the convolution in another, with no concatenation. mamba-ssm's fused Mamba-2 block does
     much the same, but needs the compiled causal-conv1d, has no time gate, and uses SiLU only.
+
+    With ``at``, z's part of in_proj, the gated norm and out_proj run at those positions only
+    (nothing else reads the block's output), and the node keeps the scan's output there only; the
+    scan itself still runs over every position, whose states the wanted ones need.
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, u, in_weight, in_bias, gate, conv_weight, conv_bias, A, D, dt_bias,
-                norm_weight, out_weight, out_bias, block, kernels):
+                norm_weight, out_weight, out_bias, at, block, kernels):
         batch, seqlen, _ = u.shape
-        z, xBC, dt = block.split_projection(F.linear(u, in_weight, in_bias))
+        E = block.d_inner
+        if at is None:
+            z, xBC, dt = block.split_projection(F.linear(u, in_weight, in_bias))
+        else:
+            (w_z, b_z), (w_rest, b_rest) = _in_proj_parts(in_weight, in_bias, E)
+            z = F.linear(at_positions(u, at), w_z, b_z)  # [B E]
+            xBC, dt = torch.split(F.linear(u, w_rest, b_rest), [E + 2 * block.d_state,
+                                                                 block.nheads], dim=-1)
         x, B, C = block.split_conv_output(
             kernels.conv_fwd(xBC, conv_weight, conv_bias, block.conv_activation))
         if gate is not None:
             dt = dt * gate  # [B L H]
         y = kernels.scan_fwd(x, dt, A, B, C, block.chunk_size, D, dt_bias, block.dt_limit)
-        normed, rstd = kernels.norm_fwd(y.reshape(-1, block.d_inner), z.reshape(-1, block.d_inner),
-                                        norm_weight, block.norm.eps)  # [T E]
+        y = y.reshape(-1, E) if at is None else at_positions(y.reshape(batch, seqlen, E), at)
+        normed, rstd = kernels.norm_fwd(y, z.reshape(-1, E), norm_weight, block.norm.eps)  # [T E]
         ctx.save_for_backward(u, in_weight, in_bias, gate, conv_weight, conv_bias, A, D, dt_bias,
-                              norm_weight, out_weight, y, rstd)
+                              norm_weight, out_weight, y, rstd, at)
         ctx.block, ctx.kernels, ctx.has_out_bias = block, kernels, out_bias is not None
-        return F.linear(normed, out_weight, out_bias).view(batch, seqlen, -1)  # [B L D]
+        out = F.linear(normed, out_weight, out_bias)  # [T D] or [B D]
+        return out.view(batch, seqlen, -1) if at is None else out
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, dout):  # [B L D]
+    def backward(ctx, dout):  # [B L D], or [B D] with at
         (u, in_weight, in_bias, gate, conv_weight, conv_bias, A, D, dt_bias, norm_weight,
-         out_weight, y, rstd) = ctx.saved_tensors
+         out_weight, y, rstd, at) = ctx.saved_tensors
         block, kernels = ctx.block, ctx.kernels
         E = block.d_inner
         u2 = u.reshape(-1, u.shape[-1])  # [T D]
+        u_out = u2 if at is None else at_positions(u, at)  # where the output is: [T D] or [B D]
         # in_proj again in two parts, z and the rest, so that z and its gradient are gone before
         # the scan's backward (where the memory peaks)
-        w_z, w_rest = in_weight[:E], in_weight[E:]
-        b_z, b_rest = (None, None) if in_bias is None else (in_bias[:E], in_bias[E:])
+        (w_z, b_z), (w_rest, b_rest) = _in_proj_parts(in_weight, in_bias, E)
 
         # out_proj, the gated norm (its output computed again, for out_proj's weight), z's part of
         # in_proj
-        dout = dout.reshape(-1, dout.shape[-1])  # [T D]
-        z = F.linear(u2, w_z, b_z)  # [T E]
+        dout = dout.reshape(-1, dout.shape[-1])  # [T D] or [B D]
+        z = F.linear(u_out, w_z, b_z)  # [T E] or [B E]
         dz = torch.empty_like(z)
-        dy, dnorm_weight, normed = kernels.norm_bwd(dout @ out_weight, y.reshape(-1, E), z,
-                                                    norm_weight, block.norm.eps, rstd, dz)
+        dy, dnorm_weight, normed = kernels.norm_bwd(dout @ out_weight, y, z, norm_weight,
+                                                    block.norm.eps, rstd, dz)
         del z
         dout_weight = dout.t() @ normed
         dout_bias = column_sums(dout) if ctx.has_out_bias else None
         del normed
-        du = dz @ w_z  # [T D]
-        din_weight_z, din_bias_z = dz.t() @ u2, None if in_bias is None else column_sums(dz)
+        du_out = dz @ w_z  # [T D] or [B D]
+        din_weight_z, din_bias_z = dz.t() @ u_out, None if in_bias is None else column_sums(dz)
         del dz
+        if at is not None:  # the scan's output has no gradient where the block's is not wanted
+            dy = add_at_positions(dy.new_zeros(*u.shape[:-1], E), at, dy)  # [B L E]
 
         # the convolution and its activation again, the scan's backward into one tensor, then the
         # convolution's backward straight into the gradient of in_proj's output
@@ -508,7 +540,7 @@ class FusedSSDBlock(torch.autograd.Function):
         dconv_out = torch.empty_like(conv_out)  # [B L E+2N]
         dx, dB, dC = block.split_conv_output(dconv_out)
         x, B, C = block.split_conv_output(conv_out)
-        dA, dD, ddt_bias = kernels.scan_bwd(dy.view_as(x), x, dt, A, B, C, y, block.chunk_size, D,
+        dA, dD, ddt_bias = kernels.scan_bwd(dy.view_as(x), x, dt, A, B, C, block.chunk_size, D,
                                             dt_bias, block.dt_limit, dx, ddt, dB, dC)
         del conv_out, x, B, C, dy
         dgate = None
@@ -523,11 +555,14 @@ class FusedSSDBlock(torch.autograd.Function):
 
         # the rest of in_proj
         dxBCdt = dxBCdt.reshape(-1, dxBCdt.shape[-1])  # [T E+2N+H]
-        du = du.addmm_(dxBCdt, w_rest).view_as(u)
+        if at is None:
+            du = du_out.addmm_(dxBCdt, w_rest).view_as(u)
+        else:
+            du = add_at_positions((dxBCdt @ w_rest).view_as(u), at, du_out)
         din_weight = torch.cat([din_weight_z, dxBCdt.t() @ u2])
         din_bias = None if in_bias is None else torch.cat([din_bias_z, column_sums(dxBCdt)])
         return (du, din_weight, din_bias, dgate, dconv_weight, dconv_bias, dA, dD, ddt_bias,
-                dnorm_weight, dout_weight, dout_bias, None, None)
+                dnorm_weight, dout_weight, dout_bias, None, None, None)
 
 
 def column_sums(m):  # [T N] -> [N]
@@ -639,8 +674,9 @@ class TimeAwareSSD(nn.Module):
         self.norm = GatedRMSNorm(d_inner, eps=norm_eps, norm_before_gate=False, backend=backend)
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
 
-    def project_in(self, u):
-        """``in_proj(u)`` split into z [B L E], xBC [B L E+2N] and dt [B L H].
+    def project_in(self, u, at=None):
+        """``in_proj(u)`` split into z [B L E], xBC [B L E+2N] and dt [B L H]; with ``at`` [B],
+        z only at those positions, [B E].
 
         On the CPU, as three products with slices of the one ``in_proj`` weight: each part comes out
         contiguous (the convolution then reads xBC without a copy), and the backward pass needs no
@@ -648,13 +684,15 @@ class TimeAwareSSD(nn.Module):
         """
         E, N = self.d_inner, self.d_state
         sizes = [E, E + 2 * N, self.nheads]
-        if u.device.type != "cpu":
+        if u.device.type != "cpu" and at is None:
             return torch.split(self.in_proj(u), sizes, dim=-1)
-        bounds = [0, *itertools.accumulate(sizes)]
-        bias = self.in_proj.bias
-        return tuple(
-            F.linear(u, self.in_proj.weight[a:b], None if bias is None else bias[a:b])
-            for a, b in itertools.pairwise(bounds))
+        (w_z, b_z), (w_rest, b_rest) = _in_proj_parts(self.in_proj.weight, self.in_proj.bias, E)
+        z = F.linear(u if at is None else at_positions(u, at), w_z, b_z)
+        if u.device.type != "cpu":
+            return z, *torch.split(F.linear(u, w_rest, b_rest), sizes[1:], dim=-1)
+        bounds = [0, *itertools.accumulate(sizes[1:])]
+        return z, *(F.linear(u, w_rest[a:b], None if b_rest is None else b_rest[a:b])
+                    for a, b in itertools.pairwise(bounds))
 
     def scan_chunk_size(self, x) -> int:
         """``chunk_size`` for the Triton kernel; for the PyTorch scan, a sequence of up to
@@ -699,12 +737,15 @@ class TimeAwareSSD(nn.Module):
         r = self.time_gate_residual(tau)  # [B H L] or [B H 1]
         return self.time_layer_norm(r * tau + (1 - r) * g)
 
-    def forward(self, u, tau=None):
+    def forward(self, u, tau=None, at=None):
+        """``(out, tau_next)``: out [B L D], or with ``at`` [B] (one position per sequence) the
+        output there only, [B D], for less work: z's part of in_proj, the gated norm and out_proj
+        then run at those positions alone."""
         if self.fused and uses_triton(self.backend, u):
-            return self.forward_fused(u, tau, triton_block_kernels())
+            return self.forward_fused(u, tau, triton_block_kernels(), at)
         batch, seqlen, _ = u.shape
         E, N, H, P = self.d_inner, self.d_state, self.nheads, self.head_dim
-        z, xBC, dt = self.project_in(u)
+        z, xBC, dt = self.project_in(u, at)
         xBC = self.convolve(xBC)  # [B L E+2N]
         x, B, C = torch.split(xBC, [E, N, N], dim=-1)
 
@@ -719,13 +760,15 @@ class TimeAwareSSD(nn.Module):
             B.unsqueeze(2), C.unsqueeze(2), self.scan_chunk_size(x), D=self.D, dt_bias=self.dt_bias,
             dt_softplus=True, dt_limit=self.dt_limit, backend=self.backend,
         ).reshape(batch, seqlen, E)  # [B L E]
+        if at is not None:
+            y = at_positions(y, at)  # [B E]
         return self.out_proj(self.norm(y, z)), tau_next
 
-    def forward_fused(self, u, tau, kernels: BlockKernels):
+    def forward_fused(self, u, tau, kernels: BlockKernels, at=None):
         """:meth:`forward` with in_proj to out_proj as one :class:`FusedSSDBlock` node."""
         g = self.time_step_gate(tau, kernels.conv) if self.is_time else None  # [B H L]
         out = FusedSSDBlock.apply(
             u, self.in_proj.weight, self.in_proj.bias, None if g is None else g.transpose(1, 2),
             self.conv1d.weight, self.conv1d.bias, -torch.exp(self.A_log), self.D, self.dt_bias,
-            self.norm.weight, self.out_proj.weight, self.out_proj.bias, self, kernels)
+            self.norm.weight, self.out_proj.weight, self.out_proj.bias, at, self, kernels)
         return out, (self.next_time_signal(tau, g) if self.is_time else None)

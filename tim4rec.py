@@ -20,7 +20,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 
 from pipeline.scoring import ItemScoring
-from ssd import TimeAwareSSD, column_sums, resolve_backend, uses_triton
+from ssd import TimeAwareSSD, at_positions, column_sums, resolve_backend, uses_triton
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +192,9 @@ class TiSSDLayer(nn.Module):
 
     The residual is dropped when the model has a single layer (as upstream). Where the SSD block
     runs fused (``fused`` on the Triton path, see :class:`ssd.TimeAwareSSD`), each dropout, residual
-    and LayerNorm runs as one kernel too (:func:`dropout_add_layer_norm`).
+    and LayerNorm runs as one kernel too (:func:`dropout_add_layer_norm`). ``forward(x, tau, at)``
+    with ``at`` [B] gives the layer's output at one position per sequence, [B D]: everything after
+    the scan is position-wise, so it runs there only.
     """
 
     def __init__(self, d_model: int, dropout: float, norm_eps: float, residual: bool, is_ffn: bool,
@@ -204,11 +206,13 @@ class TiSSDLayer(nn.Module):
         self.layer_norm = nn.LayerNorm(d_model, eps=norm_eps)
         self.ffn = FeedForward(d_model, dropout, recompute) if is_ffn else None
 
-    def forward(self, x, tau=None):  # x [B L D], tau [B H L]
+    def forward(self, x, tau=None, at=None):  # x [B L D], tau [B H L], at [B]
         fused = self.ssd.fused and uses_triton(self.ssd.backend, x)
-        out, tau = self.ssd(x, tau)
-        h = dropout_add_layer_norm(out, x if self.residual else None, self.dropout,
-                                   self.layer_norm, fused)
+        out, tau = self.ssd(x, tau, at)  # [B L D], or [B D] with at
+        residual = None
+        if self.residual:
+            residual = x if at is None else at_positions(x, at)
+        h = dropout_add_layer_norm(out, residual, self.dropout, self.layer_norm, fused)
         return (self.ffn(h, fused) if self.ffn is not None else h), tau
 
 
@@ -235,6 +239,13 @@ class TiM4Rec(ItemScoring, SequentialRecommender):
         - Without is_time the time-branch modules are not built; their weights in an upstream
           checkpoint, if present, are unused and skipped on load.
 
+        The last layer computes what follows its scan (gated norm, out_proj, residual, LayerNorm,
+        FFN: all position-wise) at the last real position only, the one that is scored
+        (``last_position_only: True``, the default): the same scores and gradients as computing
+        every position and reading one, in less time. Its dropout then draws masks for one
+        position per sequence, so a seed gives other masks than upstream's;
+        ``last_position_only: False`` computes every position, as upstream.
+
         On the Triton path with ``fused`` (the default), dropout masks are drawn by this project's
         Triton kernels (:mod:`kernels.dropout`): nn.Dropout's distribution, not its random stream,
         so a seed gives other masks than upstream's; the item embedding's gradient is summed by
@@ -253,6 +264,7 @@ class TiM4Rec(ItemScoring, SequentialRecommender):
         self.time_mask_padding = config["time_mask_padding"]
         self.is_kai_ming_init = config["is_kai_ming_init"]
         self.fused = config["fused"]
+        self.last_position_only = config["last_position_only"]
         if config["loss_type"] != "CE":
             raise ValueError(f"TiM4Rec trains with loss_type CE only, got {config['loss_type']!r}")
         if self.num_layers < 1:
@@ -312,19 +324,23 @@ class TiM4Rec(ItemScoring, SequentialRecommender):
         tau = self.layer_norm_time(self.dropout(gaps.to(self.item_embedding.weight.dtype)))
         return tau.unsqueeze(1).expand(-1, self.nheads, -1)  # [B H L]
 
-    def encode(self, item_seq, item_seq_len, timestamps=None):
-        """The hidden state at every position [B L D]."""
+    def encode(self, item_seq, item_seq_len, timestamps=None, at=None):
+        """The hidden state at every position [B L D]; with ``at`` [B], at those positions only
+        [B D] (the last layer then computes its position-wise part there alone)."""
         fused = self.fused and uses_triton(self.ssd_backend, item_seq)
         h = dropout_add_layer_norm(embedding_lookup(self.item_embedding, item_seq, fused), None,
                                    self.dropout, self.in_layer_norm, fused)  # [B L D]
         tau = self.time_signal(timestamps, item_seq_len) if self.is_time else None
-        for layer in self.ssd_layers:
+        *layers, last = self.ssd_layers
+        for layer in layers:
             h, tau = layer(h, tau)
-        return h
+        return last(h, tau, at)[0]
 
     def forward(self, item_seq, item_seq_len, timestamps=None):
-        h = self.encode(item_seq, item_seq_len, timestamps)
-        return self.gather_indexes(h, item_seq_len - 1)  # [B D], at the last real position
+        at = item_seq_len - 1  # [B], the last real position: the one that is scored
+        if self.last_position_only:
+            return self.encode(item_seq, item_seq_len, timestamps, at)  # [B D]
+        return self.gather_indexes(self.encode(item_seq, item_seq_len, timestamps), at)
 
     def sequence_output(self, interaction):
         timestamps = interaction[self.TIME_SEQ] if self.is_time else None

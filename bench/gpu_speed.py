@@ -15,11 +15,12 @@ Each setting runs in its own process, on one real batch and the real data loader
   TiM4Rec also ``graph, recompute`` (the FFN's hidden layer computed again in backward), ``graph,
   unfused`` (``fused: False``: the SSD block as separate modules, not one
   :class:`ssd.FusedSSDBlock`, and dropout, residual and LayerNorm as separate modules), ``graph,
-  chunk 64`` (the scan in chunks of 64 steps: the same function, other kernel shapes) and ``graph,
-  TF32`` (opt-in: changes float32 results). The control is
-  SASRec (the paper's settings: 8 heads) ``eager + anomaly``: RecBole turns on autograd anomaly
-  detection for the whole process when its model package is imported (SINE's module does it), so
-  that is how RecBole runs SASRec; this project turns it off (:mod:`pipeline.compat`), and
+  every position`` (``last_position_only: False``: the last layer's position-wise part at every
+  position, not only the scored one), ``graph, chunk 64`` (the scan in chunks of 64 steps: the
+  same function, other kernel shapes) and ``graph, TF32`` (opt-in: changes float32 results). The
+  control is SASRec (the paper's settings: 8 heads) ``eager + anomaly``: RecBole turns on autograd
+  anomaly detection for the whole process when its model package is imported (SINE's module does
+  it), so that is how RecBole runs SASRec; this project turns it off (:mod:`pipeline.compat`), and
   ``eager`` without it is shown too.
 - **epoch**: one training epoch through the project's trainer (the second one: the first captures
   the graph), and for the control one epoch of RecBole's own ``Trainer._train_epoch``;
@@ -259,9 +260,10 @@ def child(setting: str, data_path: str, quick: bool, profile: bool, models=MODEL
         variants = [("eager", False, False, {}), ("graph", True, False, {})]
         if name == "SASRec":
             variants.insert(0, ("eager + anomaly", False, True, {}))
-        if name == "TiM4Rec":  # what recomputation, fusion, the chunk size and TF32 change
+        if name == "TiM4Rec":  # what each of its step's settings changes
             variants += [("graph, recompute", True, False, {"recompute": True}),
                          ("graph, unfused", True, False, {"fused": False}),
+                         ("graph, every position", True, False, {"last_position_only": False}),
                          ("graph, chunk 64", True, False, {"chunk_size": 64}),
                          ("graph, TF32", True, False, {"enable_tf32": True})]
         for label, graph, anomaly, changes in [v for v in variants if v[0] not in skip]:
@@ -339,17 +341,19 @@ def floor(row: dict) -> dict:
 
     FLOPs: 2 per multiply-add of the forward pass, times 3 for forward plus backward (the backward
     of a product costs two products). Per token and layer, with D the width, E = expand * D, N the
-    state, H heads, Q the chunk, K the conv width, L the length: in_proj 2D(2E+2N+H), conv 2K(E+2N),
-    SSD 2Q(N+E) inside chunks plus 4NE for chunk states and their read-out, out_proj 2ED,
-    FFN 16D^2, with time the time branch (two L x L products and the L -> 1 gate per head and
-    sequence) 2H(2L+1);
-    per sequence, the scores against every item 2D * n_items. Elementwise work is left out.
+    state, H heads, Q the chunk, K the conv width, L the length, up to the scan: x, B, C and dt's
+    part of in_proj 2D(E+2N+H), conv 2K(E+2N), SSD 2Q(N+E) inside chunks plus 4NE for chunk
+    states and their read-out, with time the time branch (two L x L products and the L -> 1 gate
+    per head and sequence) 2H(2L+1); the position-wise rest, z's part of in_proj 2DE, out_proj
+    2ED, FFN 16D^2, at every position but in the last layer, where only the scored position needs
+    it (one per sequence); per sequence, the scores against every item 2D * n_items. Elementwise
+    work is left out.
 
     Bytes: what a step cannot avoid moving in float32 (4 bytes): each layer's activations that the
-    backward needs, written once and read once: the layer input [L D], in_proj's output
-    [L 2E+2N+H], the scan output [L E], the FFN hidden [L 4D]; the scores [n_items] per sequence,
-    written, read and their gradient written; Adam's pass over parameters, gradients and two
-    moments (7 reads and writes per parameter); the batch itself.
+    backward needs, written once and read once: the layer input [L D], in_proj's output (z [E] and
+    the scan output [E] only where the rest is computed), the FFN hidden [4D] (likewise); the scores
+    [n_items] per sequence, written, read and their gradient written; Adam's pass over parameters,
+    gradients and two moments (7 reads and writes per parameter); the batch itself.
     """
     s = row["ssd"]
     B, L, D, n_items = row["batch"], row["length"], row["hidden"], row["n_items"]
@@ -357,10 +361,12 @@ def floor(row: dict) -> dict:
     H = E // s["head_dim"]
     layers = s["num_layers"]
     time_branch = 2 * H * (2 * L + 1) if s.get("is_time", True) else 0
-    per_token = (2 * D * (2 * E + 2 * N + H) + 2 * K * (E + 2 * N) + 2 * Q * (N + E) + 4 * N * E
-                 + 2 * E * D + 16 * D * D + time_branch)
-    flops = 3 * (B * L * layers * per_token + B * 2 * D * n_items)
-    activations = B * L * layers * (D + (2 * E + 2 * N + H) + E + 4 * D)
+    to_scan = (2 * D * (E + 2 * N + H) + 2 * K * (E + 2 * N) + 2 * Q * (N + E) + 4 * N * E
+               + time_branch)
+    position_wise = 2 * D * E + 2 * E * D + 16 * D * D
+    rest_positions = B * (L * (layers - 1) + 1)  # where the position-wise rest is needed
+    flops = 3 * (B * L * layers * to_scan + rest_positions * position_wise + B * 2 * D * n_items)
+    activations = B * L * layers * (D + E + 2 * N + H) + rest_positions * (2 * E + 4 * D)
     params = n_items * D + layers * (D * (2 * E + 2 * N + H) + E * D + 8 * D * D
                                      + (2 * L * L if s.get("is_time", True) else 0))
     moved = 4 * (2 * activations + 3 * B * n_items + 7 * params) + 8 * B * (2 * L + 2)

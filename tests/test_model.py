@@ -157,6 +157,26 @@ def test_shapes_and_loss():
                        for w in ("weight", "bias")}
 
 
+@pytest.mark.parametrize("overrides", [dict(), dict(is_time=False),
+                                       dict(num_layers=1, is_ffn=False)])
+def test_last_position_only_gives_the_scores_and_gradients_of_every_position(overrides):
+    """``last_position_only`` (the default): the last layer computes what follows its scan at the
+    scored position only. The scores and loss gradients of computing every position, float64."""
+    items, lengths, times = make_batch()
+    interaction = {"item_id_list": items, "item_length": lengths, "timestamp_list": times,
+                   "item_id": torch.randint(1, N_ITEMS, (5,))}
+    scores, grads = {}, {}
+    for only in (False, True):
+        model = make_model(last_position_only=only, **overrides)
+        scores[only] = model.full_sort_predict(interaction)
+        model.calculate_loss(interaction).backward()
+        grads[only] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert torch.allclose(scores[True], scores[False], rtol=1e-12, atol=1e-13)
+    assert grads[True].keys() == grads[False].keys()
+    for name, grad in grads[False].items():
+        assert torch.allclose(grads[True][name], grad, rtol=1e-10, atol=1e-13), name
+
+
 def test_causal_without_time():
     model = make_model(is_time=False)
     items, lengths, _ = make_batch()
@@ -253,7 +273,8 @@ def test_triton_model_matches_torch_model_on_gpu(case):
     """Same weights and batch: the Triton path's scores and loss gradient equal the PyTorch path's,
     and both equal those of the plain model on the CPU in float64 (on the GPU, the FFN is recomputed
     in backward and the Triton path's SSD block runs as one FusedSSDBlock, each dropout, residual
-    and LayerNorm as one kernel)."""
+    and LayerNorm as one kernel, and the last layer computes its position-wise part at the scored
+    position only; on the CPU, at every position)."""
     overrides = dict(PARITY_CASES[case], device=torch.device("cuda"), MAX_ITEM_LIST_LENGTH=50,
                      hidden_size=64, d_state=32, head_dim=32, chunk_size=32, recompute=True)
     models = {}
@@ -262,7 +283,8 @@ def test_triton_model_matches_torch_model_on_gpu(case):
         models[backend] = TiM4Rec(make_config(ssd_backend=backend, **overrides),
                                   FakeDataset()).cuda().eval()
     models["triton"].load_state_dict(models["torch"].state_dict())
-    on_cpu = {**overrides, "device": torch.device("cpu"), "ssd_backend": "torch"}
+    on_cpu = {**overrides, "device": torch.device("cpu"), "ssd_backend": "torch",
+              "last_position_only": False}
     models["cpu"] = TiM4Rec(make_config(**on_cpu), FakeDataset()).to(torch.float64).eval()
     models["cpu"].load_state_dict(models["torch"].state_dict())
     g = torch.Generator().manual_seed(2)

@@ -183,7 +183,7 @@ def test_block_projection_and_whole_sequence_chunk_change_nothing(monkeypatch):
     fast_out, fast_grads = run()
     monkeypatch.setattr(ssd, "WHOLE_SEQUENCE_CHUNK", 0)  # chunks of chunk_size = 4
     monkeypatch.setattr(block, "project_in",
-                        lambda x: torch.split(block.in_proj(x), [32, 48, block.nheads], dim=-1))
+                        lambda x, at: torch.split(block.in_proj(x), [32, 48, block.nheads], dim=-1))
     assert block.scan_chunk_size(u) == 4
     plain_out, plain_grads = run()
     assert torch.allclose(fast_out, plain_out, rtol=1e-12, atol=1e-12)
@@ -227,6 +227,43 @@ def test_fused_block_equals_the_module_path(is_time, bias, chunk_size):
         p.requires_grad for p in block.parameters()) + (2 if is_time else 1)
     for name in plain:
         assert torch.allclose(fused[name], plain[name], rtol=1e-10, atol=1e-12), name
+
+
+def read_at(run, at):
+    """``run`` (a block's forward) computing every position, its output read at ``at``."""
+    def read(u, tau):
+        out, tau_next = run(u, tau)
+        return ssd.at_positions(out, at), tau_next
+    return read
+
+
+@pytest.mark.parametrize("path", ["modules", "fused node"])
+@pytest.mark.parametrize("is_time,bias", [(True, True), (False, False)])
+def test_block_output_at_positions_equals_every_position_read_there(path, is_time, bias):
+    """``at``: the output at one position per sequence, with z's part of in_proj, the gated norm
+    and out_proj computed there only: the values and every gradient of computing every position
+    and reading those, in float64."""
+    torch.manual_seed(0)
+    block = ssd.TimeAwareSSD(16, max_seq_length=12, d_state=8, head_dim=8, chunk_size=4,
+                             is_time=is_time, bias=bias, backend="torch").double().eval()
+    for p in block.parameters():
+        p.data.add_(torch.randn_like(p), alpha=0.1)
+    u = torch.randn(3, 12, 16, dtype=F64, requires_grad=True)
+    tau = torch.randn(3, block.nheads, 12, dtype=F64, requires_grad=True) if is_time else None
+    at = torch.tensor([11, 0, 5])
+
+    def run(u, tau, at=None):
+        if path == "modules":
+            return block(u, tau, at)
+        return block.forward_fused(u, tau, ssd.torch_block_kernels(), at)
+
+    every_out, every = block_outputs_and_grads(block, u, tau, read_at(run, at))
+    at_out, at_grads = block_outputs_and_grads(block, u, tau, lambda u, tau: run(u, tau, at))
+    assert at_out.shape == (3, 16)
+    assert torch.allclose(at_out, every_out, rtol=1e-12, atol=1e-13)
+    assert at_grads.keys() == every.keys()
+    for name in every:
+        assert torch.allclose(at_grads[name], every[name], rtol=1e-10, atol=1e-12), name
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -274,11 +311,15 @@ def test_triton_gated_rmsnorm_matches_reference():
 
 
 @cuda
-@pytest.mark.parametrize("is_time,hidden,head_dim,d_state", [(True, 64, 32, 32), (False, 64, 32, 32),
-                                                             (False, 256, 128, 64)])
-def test_fused_block_with_triton_kernels_matches_module_path(is_time, hidden, head_dim, d_state):
+@pytest.mark.parametrize("is_time,hidden,head_dim,d_state,with_at", [
+    (True, 64, 32, 32, False), (False, 64, 32, 32, False), (False, 256, 128, 64, False),
+    (True, 64, 32, 32, True), (False, 256, 128, 64, True)])
+def test_fused_block_with_triton_kernels_matches_module_path(is_time, hidden, head_dim, d_state,
+                                                             with_at):
     """On the GPU: the fused node with mamba-ssm's forward and backward functions against the same
-    block as separate modules (the same kernels through their autograd functions), float32."""
+    block as separate modules (the same kernels through their autograd functions), float32;
+    ``with_at``: the node's output at one position per sequence against the modules' output at
+    every position, read there."""
     torch.manual_seed(0)
     block = ssd.TimeAwareSSD(hidden, max_seq_length=200, d_state=d_state, head_dim=head_dim,
                              is_time=is_time, backend="triton").cuda().eval()
@@ -286,10 +327,12 @@ def test_fused_block_with_triton_kernels_matches_module_path(is_time, hidden, he
         p.data.add_(torch.randn_like(p), alpha=0.05)
     u = torch.randn(16, 200, hidden, device="cuda", requires_grad=True)
     tau = torch.randn(16, block.nheads, 200, device="cuda", requires_grad=True) if is_time else None
+    at = torch.randint(0, 200, (16,), device="cuda") if with_at else None
     block.fused = False
-    plain_out, plain = block_outputs_and_grads(block, u, tau, block)
+    plain_out, plain = block_outputs_and_grads(block, u, tau, read_at(block, at) if with_at
+                                               else block)
     block.fused = True
-    fused_out, fused = block_outputs_and_grads(block, u, tau, block)
+    fused_out, fused = block_outputs_and_grads(block, u, tau, lambda u, tau: block(u, tau, at))
     assert rel_err(fused_out, plain_out) < 1e-5
     errors = {name: rel_err(fused[name], plain[name]) for name in plain}
     print(errors)
