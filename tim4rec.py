@@ -265,6 +265,9 @@ class TiM4Rec(ItemScoring, SequentialRecommender):
         self.is_kai_ming_init = config["is_kai_ming_init"]
         self.fused = config["fused"]
         self.last_position_only = config["last_position_only"]
+        for key in ("fused", "last_position_only"):
+            if config[key] not in (True, False):
+                raise ValueError(f"{key} must be True or False, got {config[key]!r}")
         if config["loss_type"] != "CE":
             raise ValueError(f"TiM4Rec trains with loss_type CE only, got {config['loss_type']!r}")
         if self.num_layers < 1:

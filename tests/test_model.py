@@ -215,6 +215,8 @@ def test_time_gaps_change_the_scores_and_masking_switch():
     (dict(chunk_size=6), True, "power of two"),
     (dict(), False, "is_time needs the time field"),
     (dict(loss_type="BPR"), True, "CE only"),
+    (dict(last_position_only="yes"), True, "last_position_only must be True or False"),
+    (dict(fused=None), True, "fused must be True or False"),
     (dict(ssd_backend="triton"), True, "triton cannot run"),
 ])
 def test_bad_hyperparameters_fail_at_construction(overrides, dataset_has_time, message):
