@@ -680,7 +680,8 @@ class TimeAwareSSD(nn.Module):
 
         On the CPU, as three products with slices of the one ``in_proj`` weight: each part comes out
         contiguous (the convolution then reads xBC without a copy), and the backward pass needs no
-        concatenation of their gradients.
+        concatenation of their gradients. Elsewhere as one product split in three, or with ``at``
+        as two (z's part at the positions, the rest everywhere).
         """
         E, N = self.d_inner, self.d_state
         sizes = [E, E + 2 * N, self.nheads]
