@@ -164,10 +164,11 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def ssd_recurrence(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                   dt_limit=(0.0, float("inf"))):
+                   dt_limit=(0.0, float("inf")), seq_idx=None):
     """The SSD scan by its definition, one step at a time (reference; any shapes of chunk_scan).
 
-    ``state_t = exp(delta_t A) state_{t-1} + delta_t x_t B_t^T``, ``y_t = state_t C_t + D x_t``.
+    ``state_t = exp(delta_t A) state_{t-1} + delta_t x_t B_t^T``, ``y_t = state_t C_t + D x_t``;
+    with ``seq_idx``, ``state_{t-1}`` is zero where ``seq_idx`` changes between t-1 and t.
     """
     out_dtype, cdt = x.dtype, _compute_dtype(x)
     x, dt, A, B, C = (t.to(cdt) for t in (x, dt, A, B, C))
@@ -177,6 +178,8 @@ def ssd_recurrence(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Fal
     state = x.new_zeros(batch, nheads, headdim, B.shape[-1])  # [b h p n]
     ys = []
     for t in range(seqlen):
+        if seq_idx is not None and t > 0:  # a new sequence starts from the zero state
+            state = state * (seq_idx[:, t] == seq_idx[:, t - 1]).to(cdt)[:, None, None, None]
         decay = torch.exp(delta[:, t] * A)[:, :, None, None]  # [b h 1 1]
         inject = (delta[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]  # [b h p n]
         state = decay * state + inject
@@ -187,7 +190,7 @@ def ssd_recurrence(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Fal
 
 
 def chunk_scan_torch(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
-                     dt_limit=(0.0, float("inf"))):
+                     dt_limit=(0.0, float("inf")), seq_idx=None):
     """The exact chunked SSD algorithm in PyTorch (mamba-ssm's ``mamba_chunk_scan_combined`` contract).
 
     Inside a chunk of Q steps: ``y = (L o C B^T)(delta x)`` with the decay mask
@@ -198,6 +201,12 @@ def chunk_scan_torch(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, d
 
     Heads are split as (group g, head-in-group r) so that what a group's heads share, ``C B^T`` and
     the products with B and C, is computed once per group as one matmul, never copied per head.
+
+    ``seq_idx`` [b l] (sequences laid end to end, each a run of steps with a number of its own,
+    as mamba-ssm takes them): nothing passes from one sequence to the next. As in mamba-ssm:
+    inside a chunk, ``L[t, s] = 0`` across sequences; a chunk's state holds only the steps of the
+    sequence it ends in, and is passed on only to a chunk that ends in the same one; a step reads
+    the entering state only if it belongs to the sequence the previous chunk ended in.
     """
     out_dtype, cdt = x.dtype, _compute_dtype(x)
     batch, seqlen, nheads, headdim = x.shape
@@ -225,8 +234,16 @@ def chunk_scan_torch(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, d
 
     x_dt = xc * per_step(dtc)  # [b g c q r p]
 
+    # The sequence of each step, and of the last step of each chunk (padding: the last sequence's);
+    # masks made of them are [b 1 c ..], for [b g c ..].
+    if seq_idx is not None:
+        seqc = torch.cat([seq_idx, seq_idx[:, -1:].expand(-1, pad)], 1).view(batch, 1, nc, q)
+        chunk_end = seqc[..., -1]  # [b 1 c]
+
     # 1. Inside each chunk. Mask before exp so that no inf ever enters the graph (its gradient is NaN).
     causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
+    if seq_idx is not None:  # [b 1 1 c t s]
+        causal = causal & (seqc[..., :, None] == seqc[..., None, :]).unsqueeze(1)
     log_decay = (dA_cs[..., :, None] - dA_cs[..., None, :]).masked_fill(~causal, float("-inf"))
     scores = (Cc @ Bc.transpose(-1, -2))[:, :, None] * torch.exp(log_decay)  # [b g r c t s]
     y = (scores @ x_dt.permute(0, 1, 4, 2, 3, 5)).permute(0, 1, 3, 4, 2, 5)  # [b g c q r p]
@@ -234,20 +251,30 @@ def chunk_scan_torch(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, d
     if nc > 1:
         # 2. The state each chunk leaves behind (the last chunk's is never read), as [n, (r p)].
         to_end = per_step(torch.exp(dA_cs[..., -1:] - dA_cs))  # [b g c q r 1]
+        if seq_idx is not None:  # only the steps of the sequence the chunk ends in
+            to_end = to_end * (seqc == chunk_end[..., None])[..., None, None]
         inputs = (x_dt * to_end)[:, :, :-1].reshape(batch, ngroups, nc - 1, q, r * headdim)
         chunk_states = Bc[:, :, :-1].transpose(-1, -2) @ inputs  # [b g c-1 n (r p)]
 
-        # 3. Pass states from chunk to chunk (few chunks: a loop is exact and cheap).
+        # 3. Pass states from chunk to chunk (few chunks: a loop is exact and cheap). Each chunk's
+        # slices through unbind, whose backward stacks their gradients once (indexing per chunk
+        # would build a whole zero gradient per chunk: quadratic in the chunks).
         chunk_decay = torch.exp(dA_cs[..., -1]).permute(0, 1, 3, 2)[:, :, :, None, :, None]
+        if seq_idx is not None:  # the state entering chunk c goes on only if c ends in its sequence
+            carry = F.pad(chunk_end[..., 1:] == chunk_end[..., :-1], (1, 0), value=True)
+            chunk_decay = chunk_decay * carry[..., None, None, None]  # [b 1 c 1 1 1]
         state = x.new_zeros(batch, ngroups, dstate, r, headdim)  # [b g n r p]
         entering = [state]
-        for c in range(nc - 1):
-            state = chunk_decay[:, :, c] * state + chunk_states[:, :, c].view_as(state)
+        for decay, inject in zip(chunk_decay.unbind(2), chunk_states.unbind(2)):
+            state = decay * state + inject.view_as(state)
             entering.append(state)
         entering = torch.stack(entering, dim=2).reshape(batch, ngroups, nc, dstate, r * headdim)
 
         # 4. What the entering state contributes at each step of its chunk.
         y_off = (Cc @ entering).view(batch, ngroups, nc, q, r, headdim)  # [b g c q r p]
+        if seq_idx is not None:  # read by the steps of the sequence the previous chunk ended in
+            entered = F.pad(chunk_end[..., :-1], (1, 0), value=-1)  # [b 1 c]
+            y_off = y_off * (seqc == entered[..., None])[..., None, None]
         y = y + y_off * per_step(torch.exp(dA_cs))
 
     y = y.permute(0, 2, 3, 1, 4, 5).reshape(batch, nc * q, nheads, headdim)[:, :seqlen]  # [b l h p]
@@ -256,7 +283,7 @@ def chunk_scan_torch(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, d
 
 
 def chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
-               dt_limit=(0.0, float("inf")), backend="auto"):
+               dt_limit=(0.0, float("inf")), backend="auto", seq_idx=None):
     """SSD scan with the contract of mamba-ssm's ``mamba_chunk_scan_combined``.
 
     Args:
@@ -271,6 +298,8 @@ def chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_soft
         dt_softplus: apply softplus to ``dt + dt_bias``
         dt_limit: clamp of the step sizes
         backend: ``auto`` (Triton on CUDA when available), ``triton`` or ``torch``
+        seq_idx: [batch, seqlen] int32: sequences laid end to end, each a run of steps with a
+            number of its own, each scanned from the zero state (optional)
     Returns:
         y: [batch, seqlen, nheads, headdim]
     """
@@ -278,10 +307,10 @@ def chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_soft
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if uses_triton(backend, x):
         scan, _ = load_triton_ops()
-        return scan(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
+        return scan(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, seq_idx=seq_idx,
                     dt_softplus=dt_softplus, dt_limit=tuple(dt_limit))
     return chunk_scan_torch(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
-                            dt_softplus=dt_softplus, dt_limit=dt_limit)
+                            dt_softplus=dt_softplus, dt_limit=dt_limit, seq_idx=seq_idx)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -331,15 +360,17 @@ class BlockKernels(NamedTuple):
     :class:`FusedSSDBlock` calls them: Triton (:func:`triton_block_kernels`) or the PyTorch
     references differentiated by autograd (:func:`torch_block_kernels`).
 
-    ``scan_fwd(x, dt, A, B, C, chunk, D, dt_bias, dt_limit) -> y`` (softplus on ``dt + dt_bias``);
-    ``scan_bwd(dy, x, dt, A, B, C, chunk, D, dt_bias, dt_limit, dx, ddt, dB, dC) -> (dA, dD,
-    ddt_bias)``, writing the other gradients into the four given tensors;
+    ``scan_fwd(x, dt, A, B, C, chunk, D, dt_bias, dt_limit, seq_idx) -> y`` (softplus on
+    ``dt + dt_bias``);
+    ``scan_bwd(dy, x, dt, A, B, C, chunk, D, dt_bias, dt_limit, seq_idx, dx, ddt, dB, dC) -> (dA,
+    dD, ddt_bias)``, writing the other gradients into the four given tensors;
     ``norm_fwd(y, z, weight, eps) -> (out, rstd)`` on [T E] rows (``rstd`` may be None);
     ``norm_bwd(dout, y, z, weight, eps, rstd, dz) -> (dy, dweight, out)``, writing dz, and giving
     the forward's output again;
-    ``conv_fwd(x, weight, bias, activation) -> out``: the causal depthwise convolution and its
-    activation on [B L C] rows, ``out`` contiguous;
-    ``conv_bwd(x, weight, bias, dout, activation, dx) -> (dx, dweight, dbias)``, writing dx;
+    ``conv_fwd(x, weight, bias, activation, seq_idx) -> out``: the causal depthwise convolution
+    and its activation on [B L C] rows, ``out`` contiguous;
+    ``conv_bwd(x, weight, bias, dout, activation, dx, seq_idx) -> (dx, dweight, dbias)``, writing
+    dx; ``seq_idx`` [B L] or None: the sequences laid end to end in each row (:class:`Packing`);
     ``conv(x, weight, bias, activation) -> out``: the two for autograd (the time branch's
     convolutions, outside the node).
     """
@@ -362,15 +393,16 @@ def triton_block_kernels() -> BlockKernels:
     from kernels.causal_conv import causal_conv_act, causal_conv_act_bwd, causal_conv_act_fn
     from kernels.gated_norm import gated_rms_norm, gated_rms_norm_bwd
 
-    def scan_fwd(x, dt, A, B, C, chunk, D, dt_bias, dt_limit):
+    def scan_fwd(x, dt, A, B, C, chunk, D, dt_bias, dt_limit, seq_idx):
         return ssd_combined._mamba_chunk_scan_combined_fwd(
-            x, dt, A, B, C, chunk, D=D, dt_bias=dt_bias, dt_softplus=True, dt_limit=dt_limit)[0]
+            x, dt, A, B, C, chunk, D=D, dt_bias=dt_bias, seq_idx=seq_idx, dt_softplus=True,
+            dt_limit=dt_limit)[0]
 
-    def scan_bwd(dy, x, dt, A, B, C, chunk, D, dt_bias, dt_limit, dx, ddt, dB, dC):
+    def scan_bwd(dy, x, dt, A, B, C, chunk, D, dt_bias, dt_limit, seq_idx, dx, ddt, dB, dC):
         # mamba-ssm reads the forward's output (its `out`) only to gate it by z, and there is no
         # z here: x stands in for it, for the shape check
         grads = ssd_combined._mamba_chunk_scan_combined_bwd(
-            dy, x, dt, A, B, C, x, chunk, D=D, dt_bias=dt_bias, dt_softplus=True,
+            dy, x, dt, A, B, C, x, chunk, D=D, dt_bias=dt_bias, seq_idx=seq_idx, dt_softplus=True,
             dt_limit=dt_limit, dx=dx, ddt=ddt, dB=dB, dC=dC)
         _, _, dA, _, _, dD, _, ddt_bias, _ = grads
         return dA, dD, ddt_bias
@@ -378,8 +410,11 @@ def triton_block_kernels() -> BlockKernels:
     def norm_bwd(dout, y, z, weight, eps, rstd, dz):
         return gated_rms_norm_bwd(dout, y, z, weight, rstd, dz)
 
-    # The node's own gradient buffer: the convolution's backward may write over it.
-    conv_bwd = functools.partial(causal_conv_act_bwd, overwrite_dout=True)
+    def conv_bwd(x, weight, bias, dout, activation, dx, seq_idx):
+        # the node's own gradient buffer: the convolution's backward may write over it
+        return causal_conv_act_bwd(x, weight, bias, dout, activation, dx, overwrite_dout=True,
+                                   seq_idx=seq_idx)
+
     return BlockKernels(scan_fwd, scan_bwd, gated_rms_norm, norm_bwd, causal_conv_act, conv_bwd,
                         causal_conv_act_fn)
 
@@ -389,14 +424,14 @@ def torch_block_kernels() -> BlockKernels:
     :func:`gated_rmsnorm_ref` (backward by autograd, forward again): the reference that the tests
     hold the Triton ones to."""
 
-    def scan(x, dt, A, B, C, chunk, D, dt_bias, dt_limit):
+    def scan(x, dt, A, B, C, chunk, D, dt_bias, dt_limit, seq_idx):
         return chunk_scan_torch(x, dt, A, B, C, chunk, D=D, dt_bias=dt_bias, dt_softplus=True,
-                                dt_limit=dt_limit)
+                                dt_limit=dt_limit, seq_idx=seq_idx)
 
-    def scan_bwd(dy, x, dt, A, B, C, chunk, D, dt_bias, dt_limit, dx, ddt, dB, dC):
+    def scan_bwd(dy, x, dt, A, B, C, chunk, D, dt_bias, dt_limit, seq_idx, dx, ddt, dB, dC):
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_() for t in (x, dt, A, B, C, D, dt_bias)]
-            y = scan(*leaves[:5], chunk, leaves[5], leaves[6], dt_limit)
+            y = scan(*leaves[:5], chunk, leaves[5], leaves[6], dt_limit, seq_idx)
             grads = torch.autograd.grad(y, leaves, dy)
         for given, grad in zip((dx, ddt, dB, dC), (grads[0], grads[1], grads[3], grads[4])):
             given.copy_(grad)
@@ -413,14 +448,16 @@ def torch_block_kernels() -> BlockKernels:
         dz.copy_(dz_)
         return dy, dweight, out.detach()
 
-    def conv(x, weight, bias, activation):  # [B L C] -> [B L C]
+    def conv(x, weight, bias, activation, seq_idx=None):  # [B L C] -> [B L C]
         act = F.hardswish if activation == "hardswish" else F.silu
-        return act(causal_conv1d(x.transpose(1, 2), weight, bias)).transpose(1, 2).contiguous()
+        out = causal_conv1d(x.transpose(1, 2), weight, bias, seq_idx)
+        return act(out).transpose(1, 2).contiguous()
 
-    def conv_bwd(x, weight, bias, dout, activation, dx):
+    def conv_bwd(x, weight, bias, dout, activation, dx, seq_idx):
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
-            dx_, dweight, dbias = torch.autograd.grad(conv(*leaves, activation), leaves, dout)
+            out = conv(*leaves, activation, seq_idx)
+            dx_, dweight, dbias = torch.autograd.grad(out, leaves, dout)
         return dx.copy_(dx_), dweight, dbias
 
     return BlockKernels(scan, scan_bwd, norm_fwd, norm_bwd, conv, conv_bwd, conv)
@@ -436,6 +473,80 @@ def add_at_positions(x, at, rows):  # [B L ...], [B], [B ...]
     return x.index_put_((torch.arange(x.shape[0], device=x.device), at), rows, accumulate=True)
 
 
+class Packing(NamedTuple):
+    """The real positions of a right-padded batch [B L], laid end to end in rows of slots.
+
+    The batch's sequences, each cut to its ``len_b`` real positions, follow one another as one
+    stream; the stream is cut into R rows of ``nominal`` slots, and a sequence that starts in a
+    row stays whole in it: each row has ``L - 1`` more slots, for the one that runs past its end.
+    Slots that hold no real position (before a row's first sequence, after its last, and after
+    the stream, up to a fixed capacity, so that shapes need not depend on the batch) repeat the
+    batch's first position and are numbered B: filler that nothing reads (its runs may pass state
+    to one another). Rows, because mamba-ssm's scan passes its state from chunk to chunk one chunk
+    after the other along a row: rows run those passes side by side (one row of 67k slots spent
+    5 ms of a 29 ms step on an H100: BENCHMARKS.md, eighth run).
+
+    The layers see the slots as one sequence [1 S ...] (S = R * width); the convolution and the
+    scan as R rows [R width ...], with ``seq_idx``, so that nothing passes from one sequence to
+    the next: they compute at the real positions what they compute there in the padded batch
+    (they are causal), and the position-wise rest does too.
+
+    ``rows`` [S]: each slot's row of the batch flattened to [B*L]; ``seq_idx`` [R width] int32:
+    each slot's sequence; ``last`` [B]: the slot of each sequence's last real position.
+    """
+
+    rows: torch.Tensor
+    seq_idx: torch.Tensor
+    last: torch.Tensor
+
+    ROW_SLOTS = 8192  # nominal slots per row, at most, for mamba-ssm's Triton scan
+    ROW_SEQUENCES = 16  # for the PyTorch scan: rows of this many full sequences, at most
+
+    @classmethod
+    def row_slots_for(cls, triton: bool, seqlen: int) -> int:
+        """Nominal slots per row: ``ROW_SLOTS`` for mamba-ssm's Triton scan; for the PyTorch
+        scan, whose pass between chunks is a loop in Python (rows make it shorter, not fewer
+        steps), ``ROW_SEQUENCES`` times the length."""
+        return cls.ROW_SLOTS if triton else cls.ROW_SEQUENCES * seqlen
+
+    @classmethod
+    def of(cls, lengths, seqlen: int, size: int | None = None,
+           row_slots: int | None = None) -> Packing:
+        """The packing of a batch whose sequences have ``lengths`` [B] (each in [1, seqlen]) real
+        positions, for a stream of ``size`` slots at most (at least ``lengths.sum()``: not
+        checked, which would wait for the GPU); None: exactly ``lengths.sum()``, read on the
+        host. Rows of ``row_slots`` nominal slots at most (default ``ROW_SLOTS``)."""
+        batch, device = lengths.shape[0], lengths.device
+        row_slots = row_slots or cls.ROW_SLOTS
+        ends = torch.cumsum(lengths, 0)  # [B]
+        starts = ends - lengths
+        if size is None:
+            size = int(ends[-1])
+        nrows = max(1, math.ceil(size / row_slots))
+        nominal = max(1, math.ceil(size / nrows))
+        width = nominal + seqlen - 1
+        slot = torch.arange(nrows * width, device=device)
+        row = slot // width
+        stream = row * nominal + slot % width  # where in the stream each slot is
+        seq = torch.searchsorted(ends, stream, right=True)  # B past the stream's end
+        within = seq.clamp(max=batch - 1)
+        real = (seq < batch) & (starts[within] // nominal == row)
+        rows = torch.where(real, within * seqlen + stream - starts[within], 0)
+        seq_idx = torch.where(real, within, batch).to(torch.int32).view(nrows, width)
+        last = starts // nominal * width + starts % nominal + lengths - 1
+        return cls(rows, seq_idx, last)
+
+    def pack(self, x):  # [B L ...] -> [1 S ...]
+        """``x`` at the slots' positions."""
+        return x.flatten(0, 1).index_select(0, self.rows).unsqueeze(0)
+
+
+def in_rows(t, seq_idx):  # [1 S ...] -> [R width ...] (a view); unchanged without seq_idx
+    """A packed tensor as the rows of ``seq_idx`` (:class:`Packing`), for the convolution and the
+    scan."""
+    return t if seq_idx is None else t.view(*seq_idx.shape, *t.shape[2:])
+
+
 def _in_proj_parts(weight, bias, d_inner: int) -> tuple:
     """in_proj's weight and bias as z's part and the rest's: ``((w_z, b_z), (w_rest, b_rest))``."""
     return ((weight[:d_inner], None if bias is None else bias[:d_inner]),
@@ -446,9 +557,12 @@ class FusedSSDBlock(torch.autograd.Function):
     """:class:`TimeAwareSSD` from its input to out_proj's output, as one autograd node.
 
     ``apply(u, in_weight, in_bias, gate, conv_weight, conv_bias, A, D, dt_bias, norm_weight,
-    out_weight, out_bias, at, block, kernels)``: ``u`` [B L D] is the block's input, ``gate``
-    [B L H] the time gate of the step sizes (or None); ``block`` gives the sizes and settings;
-    returns [B L D], or with ``at`` [B] (a position per sequence) the output there only, [B D].
+    out_weight, out_bias, at, seq_idx, block, kernels)``: ``u`` [B L D] is the block's input,
+    ``gate`` [B L H] the time gate of the step sizes (or None); ``block`` gives the sizes and
+    settings; returns [B L D], or with ``at`` [B] (a position per sequence) the output there only,
+    [B D]. With ``seq_idx`` [R width], ``u`` and ``gate`` hold a :class:`Packing`'s slots,
+    [1 S ..], and ``at`` is slots: the convolution and the scan see the slots as those rows, and
+    keep each sequence from the next.
 
     The same operations as the module path (in_proj, convolution and activation, scan, gated
     RMSNorm, out_proj), with the functions of ``kernels`` (on the GPU: mamba-ssm's scan,
@@ -473,7 +587,7 @@ class FusedSSDBlock(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, u, in_weight, in_bias, gate, conv_weight, conv_bias, A, D, dt_bias,
-                norm_weight, out_weight, out_bias, at, block, kernels):
+                norm_weight, out_weight, out_bias, at, seq_idx, block, kernels):
         batch, seqlen, _ = u.shape
         E = block.d_inner
         if at is None:
@@ -483,15 +597,16 @@ class FusedSSDBlock(torch.autograd.Function):
             z = F.linear(at_positions(u, at), w_z, b_z)  # [B E]
             xBC, dt = torch.split(F.linear(u, w_rest, b_rest), [E + 2 * block.d_state,
                                                                  block.nheads], dim=-1)
-        x, B, C = block.split_conv_output(
-            kernels.conv_fwd(xBC, conv_weight, conv_bias, block.conv_activation))
+        x, B, C = block.split_conv_output(kernels.conv_fwd(  # [B L ..], or packed [R width ..]
+            in_rows(xBC, seq_idx), conv_weight, conv_bias, block.conv_activation, seq_idx))
         if gate is not None:
             dt = dt * gate  # [B L H]
-        y = kernels.scan_fwd(x, dt, A, B, C, block.chunk_size, D, dt_bias, block.dt_limit)
+        y = kernels.scan_fwd(x, in_rows(dt, seq_idx), A, B, C, block.chunk_size, D, dt_bias,
+                             block.dt_limit, seq_idx)
         y = y.reshape(-1, E) if at is None else at_positions(y.reshape(batch, seqlen, E), at)
         normed, rstd = kernels.norm_fwd(y, z.reshape(-1, E), norm_weight, block.norm.eps)  # [T E]
         ctx.save_for_backward(u, in_weight, in_bias, gate, conv_weight, conv_bias, A, D, dt_bias,
-                              norm_weight, out_weight, y, rstd, at)
+                              norm_weight, out_weight, y, rstd, at, seq_idx)
         ctx.block, ctx.kernels, ctx.has_out_bias = block, kernels, out_bias is not None
         out = F.linear(normed, out_weight, out_bias)  # [T D] or [B D]
         return out.view(batch, seqlen, -1) if at is None else out
@@ -500,7 +615,7 @@ class FusedSSDBlock(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dout):  # [B L D], or [B D] with at
         (u, in_weight, in_bias, gate, conv_weight, conv_bias, A, D, dt_bias, norm_weight,
-         out_weight, y, rstd, at) = ctx.saved_tensors
+         out_weight, y, rstd, at, seq_idx) = ctx.saved_tensors
         block, kernels = ctx.block, ctx.kernels
         E = block.d_inner
         u2 = u.reshape(-1, u.shape[-1])  # [T D]
@@ -530,27 +645,27 @@ class FusedSSDBlock(torch.autograd.Function):
         # convolution's backward straight into the gradient of in_proj's output
         xBCdt = F.linear(u2, w_rest, b_rest).view(*u.shape[:-1], -1)  # [B L E+2N+H]
         sizes = [E + 2 * block.d_state, block.nheads]
-        xBC, dt_in = torch.split(xBCdt, sizes, dim=-1)
+        xBC, dt_in = torch.split(in_rows(xBCdt, seq_idx), sizes, dim=-1)  # packed: [R width ..]
         if gate is None:  # the scan writes dt's gradient straight into that of in_proj's output
             dxBCdt = torch.empty_like(xBCdt)
-            dt, ddt = dt_in, dxBCdt[..., sizes[0]:]
+            dt, ddt = dt_in, in_rows(dxBCdt, seq_idx)[..., sizes[0]:]
         else:  # into a tensor of its own: in_proj's comes after the scan's backward (the peak)
-            dt, ddt = dt_in * gate, torch.empty_like(dt_in)
-        conv_out = kernels.conv_fwd(xBC, conv_weight, conv_bias, block.conv_activation)
+            dt, ddt = dt_in * in_rows(gate, seq_idx), torch.empty_like(dt_in)
+        conv_out = kernels.conv_fwd(xBC, conv_weight, conv_bias, block.conv_activation, seq_idx)
         dconv_out = torch.empty_like(conv_out)  # [B L E+2N]
         dx, dB, dC = block.split_conv_output(dconv_out)
         x, B, C = block.split_conv_output(conv_out)
         dA, dD, ddt_bias = kernels.scan_bwd(dy.view_as(x), x, dt, A, B, C, block.chunk_size, D,
-                                            dt_bias, block.dt_limit, dx, ddt, dB, dC)
+                                            dt_bias, block.dt_limit, seq_idx, dx, ddt, dB, dC)
         del conv_out, x, B, C, dy
         dgate = None
         if gate is not None:
             dxBCdt = torch.empty_like(xBCdt)
-            torch.mul(ddt, gate, out=dxBCdt[..., sizes[0]:])
-            dgate = ddt * dt_in
-        dxBC = dxBCdt[..., :sizes[0]]
+            dgate = (ddt * dt_in).view_as(gate)
+            torch.mul(ddt.view_as(gate), gate, out=dxBCdt[..., sizes[0]:])
+        dxBC = in_rows(dxBCdt, seq_idx)[..., :sizes[0]]
         _, dconv_weight, dconv_bias = kernels.conv_bwd(xBC, conv_weight, conv_bias, dconv_out,
-                                                       block.conv_activation, dxBC)
+                                                       block.conv_activation, dxBC, seq_idx)
         del xBCdt, xBC, dt_in, dconv_out
 
         # the rest of in_proj
@@ -562,7 +677,7 @@ class FusedSSDBlock(torch.autograd.Function):
         din_weight = torch.cat([din_weight_z, dxBCdt.t() @ u2])
         din_bias = None if in_bias is None else torch.cat([din_bias_z, column_sums(dxBCdt)])
         return (du, din_weight, din_bias, dgate, dconv_weight, dconv_bias, dA, dD, ddt_bias,
-                dnorm_weight, dout_weight, dout_bias, None, None, None)
+                dnorm_weight, dout_weight, dout_bias, None, None, None, None)
 
 
 def column_sums(m):  # [T N] -> [N]
@@ -590,9 +705,17 @@ class CausalConv1d(nn.Conv1d):
         return causal_conv1d(x, self.weight, self.bias)
 
 
-def causal_conv1d(x, weight, bias):
-    """The convolution of :class:`CausalConv1d`: x [B C L], weight [C 1 K] -> [B C L]."""
+def causal_conv1d(x, weight, bias, seq_idx=None):
+    """The convolution of :class:`CausalConv1d`: x [B C L], weight [C 1 K] -> [B C L].
+
+    ``seq_idx`` [B L] (sequences laid end to end): a step sees only the earlier steps of its own
+    sequence, as if each began after K - 1 zeros (:func:`conv_less_crossings` on the CPU,
+    :func:`conv_masked` elsewhere: the same values).
+    """
     length, width = x.shape[-1], weight.shape[-1]
+    if seq_idx is not None:
+        return (conv_less_crossings if x.device.type == "cpu" else conv_masked)(
+            x, weight, bias, seq_idx)
     if x.device.type == "cpu" and x.stride(1) == 1:
         # x is a [B L C] tensor seen as [B C L]. On the CPU, the same convolution as a 2-D one
         # over that channels-last layout runs forward and backward in half the time, with no
@@ -601,6 +724,37 @@ def causal_conv1d(x, weight, bias):
                        groups=x.shape[1])  # [B C 1 L+K-1]
         return out.squeeze(2)[..., :length]
     return F.conv1d(x, weight, bias, padding=width - 1, groups=x.shape[1])[..., :length]
+
+
+def conv_masked(x, weight, bias, seq_idx):  # [B C L], [C 1 K], [C], [B L] -> [B C L]
+    """:func:`causal_conv1d` with ``seq_idx`` as K shifted products, each masked where the
+    sequence changes: no wait for the host, so a GPU step can be captured."""
+    length, width = x.shape[-1], weight.shape[-1]
+    # on [B L C] (channels contiguous, as in_proj writes them): the products run fastest there
+    padded = F.pad(x.transpose(1, 2), (0, 0, width - 1, 0))  # [B L+K-1 C]
+    seq = F.pad(seq_idx, (width - 1, 0), value=-1)
+    out = padded[:, width - 1:] * weight[:, 0, -1]  # the step itself: always its sequence
+    for k in range(width - 1):
+        same = (seq[:, k:k + length] == seq_idx).unsqueeze(-1)  # [B L 1]
+        out = out.addcmul(padded[:, k:k + length] * same, weight[:, 0, k])
+    return (out if bias is None else out + bias).transpose(1, 2)  # [B C L]
+
+
+def conv_less_crossings(x, weight, bias, seq_idx):  # [B C L], [C 1 K], [C], [B L] -> [B C L]
+    """:func:`causal_conv1d` with ``seq_idx`` as the convolution over whole rows, less what the
+    first K - 1 steps of each sequence read before its start: few steps, found on the host (on the
+    CPU, no wait), and one pass over the output where :func:`conv_masked` makes 2K."""
+    width = weight.shape[-1]
+    b, t, tap = [], [], []
+    for shift in range(1, width):  # tap K-1-shift reads the step `shift` before
+        rows, steps = torch.nonzero(seq_idx[:, shift:] != seq_idx[:, :-shift], as_tuple=True)
+        b.append(rows)
+        t.append(steps + shift)
+        tap.append(torch.full_like(rows, width - 1 - shift))
+    b, t, tap = torch.cat(b), torch.cat(t), torch.cat(tap)
+    read = x[b, :, t + tap - (width - 1)] * weight[:, 0].t()[tap]  # [n C]
+    out = causal_conv1d(x, weight, bias).transpose(1, 2)  # [B L C]
+    return out.index_put((b, t), -read, accumulate=True).transpose(1, 2)
 
 
 class TimeAwareSSD(nn.Module):
@@ -705,9 +859,15 @@ class TimeAwareSSD(nn.Module):
             return self.chunk_size
         return max(seqlen, 1)
 
-    def convolve(self, xBC):  # [B L E+2N] -> [B L E+2N]
-        """The causal depthwise convolution over the sequence, then the activation."""
-        return self.activation(self.conv1d(xBC.transpose(1, 2)).transpose(1, 2))
+    def convolve(self, xBC, seq_idx=None):  # [B L E+2N] -> [B L E+2N]
+        """The causal depthwise convolution over the sequence (each of ``seq_idx``'s on its own),
+        then the activation."""
+        xBC = xBC.transpose(1, 2)  # [B E+2N L]
+        if seq_idx is not None:
+            xBC = causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias, seq_idx)
+        else:
+            xBC = self.conv1d(xBC)
+        return self.activation(xBC.transpose(1, 2))
 
     def split_projection(self, zxbcdt):  # [B L 2E+2N+H] -> z [B L E], xBC [B L E+2N], dt [B L H]
         return torch.split(zxbcdt, [self.d_inner, self.d_inner + 2 * self.d_state, self.nheads],
@@ -733,43 +893,57 @@ class TimeAwareSSD(nn.Module):
         g = F.hardswish(self.conv1d4time_1(g))
         return F.hardswish(self.conv1d4time_2(g))
 
+    @staticmethod
+    def step_gate(g, packing: Packing | None = None):  # [B H L] -> [B L H], or [1 S H] packed
+        """The time gate as the step sizes' factor: [B L H], or at the slots of ``packing``."""
+        g = g.transpose(1, 2)
+        return g if packing is None else packing.pack(g)
+
     def next_time_signal(self, tau, g):
         """Gated residual mix of this layer's time signal and its gate, normalised over the sequence."""
         r = self.time_gate_residual(tau)  # [B H L] or [B H 1]
         return self.time_layer_norm(r * tau + (1 - r) * g)
 
-    def forward(self, u, tau=None, at=None):
+    def forward(self, u, tau=None, at=None, packing: Packing | None = None):
         """``(out, tau_next)``: out [B L D], or with ``at`` [B] (one position per sequence) the
         output there only, [B D], for less work: z's part of in_proj, the gated norm and out_proj
-        then run at those positions alone."""
+        then run at those positions alone.
+
+        ``packing``: ``u`` [1 S D] holds the batch's real positions (:class:`Packing`), and so
+        does ``out``; ``at`` are slots. ``tau`` [B H L] and ``tau_next`` keep the padded layout:
+        the time branch mixes positions along the whole sequence, padding included.
+        """
         if self.fused and uses_triton(self.backend, u):
-            return self.forward_fused(u, tau, triton_block_kernels(), at)
+            return self.forward_fused(u, tau, triton_block_kernels(), at, packing)
         batch, seqlen, _ = u.shape
         E, N, H, P = self.d_inner, self.d_state, self.nheads, self.head_dim
+        seq_idx = None if packing is None else packing.seq_idx
         z, xBC, dt = self.project_in(u, at)
-        xBC = self.convolve(xBC)  # [B L E+2N]
+        xBC = self.convolve(in_rows(xBC, seq_idx), seq_idx)  # [B L E+2N], or [R width E+2N]
         x, B, C = torch.split(xBC, [E, N, N], dim=-1)
 
         tau_next = None
         if self.is_time:
             g = self.time_step_gate(tau)  # [B H L]
-            dt = dt * g.transpose(1, 2)  # [B L H]
+            dt = dt * self.step_gate(g, packing)  # [B L H]
             tau_next = self.next_time_signal(tau, g)
 
         y = chunk_scan(
-            x.reshape(batch, seqlen, H, P), dt, -torch.exp(self.A_log),
+            x.unflatten(-1, (H, P)), in_rows(dt, seq_idx), -torch.exp(self.A_log),
             B.unsqueeze(2), C.unsqueeze(2), self.scan_chunk_size(x), D=self.D, dt_bias=self.dt_bias,
-            dt_softplus=True, dt_limit=self.dt_limit, backend=self.backend,
+            dt_softplus=True, dt_limit=self.dt_limit, backend=self.backend, seq_idx=seq_idx,
         ).reshape(batch, seqlen, E)  # [B L E]
         if at is not None:
             y = at_positions(y, at)  # [B E]
         return self.out_proj(self.norm(y, z)), tau_next
 
-    def forward_fused(self, u, tau, kernels: BlockKernels, at=None):
+    def forward_fused(self, u, tau, kernels: BlockKernels, at=None, packing: Packing | None = None):
         """:meth:`forward` with in_proj to out_proj as one :class:`FusedSSDBlock` node."""
         g = self.time_step_gate(tau, kernels.conv) if self.is_time else None  # [B H L]
         out = FusedSSDBlock.apply(
-            u, self.in_proj.weight, self.in_proj.bias, None if g is None else g.transpose(1, 2),
-            self.conv1d.weight, self.conv1d.bias, -torch.exp(self.A_log), self.D, self.dt_bias,
-            self.norm.weight, self.out_proj.weight, self.out_proj.bias, at, self, kernels)
+            u, self.in_proj.weight, self.in_proj.bias,
+            None if g is None else self.step_gate(g, packing), self.conv1d.weight,
+            self.conv1d.bias, -torch.exp(self.A_log), self.D, self.dt_bias, self.norm.weight,
+            self.out_proj.weight, self.out_proj.bias, at,
+            None if packing is None else packing.seq_idx, self, kernels)
         return out, (self.next_time_signal(tau, g) if self.is_time else None)

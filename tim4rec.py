@@ -9,8 +9,10 @@ The hyperparameters and their defaults live in ``config/model/TiM4Rec.yaml``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -20,7 +22,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 
 from pipeline.scoring import ItemScoring
-from ssd import TimeAwareSSD, at_positions, column_sums, resolve_backend, uses_triton
+from ssd import Packing, TimeAwareSSD, at_positions, column_sums, resolve_backend, uses_triton
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +196,8 @@ class TiSSDLayer(nn.Module):
     runs fused (``fused`` on the Triton path, see :class:`ssd.TimeAwareSSD`), each dropout, residual
     and LayerNorm runs as one kernel too (:func:`dropout_add_layer_norm`). ``forward(x, tau, at)``
     with ``at`` [B] gives the layer's output at one position per sequence, [B D]: everything after
-    the scan is position-wise, so it runs there only.
+    the scan is position-wise, so it runs there only. With ``packing``, x [1 S D] holds the batch's
+    real positions (:class:`ssd.Packing`), and ``at`` is slots.
     """
 
     def __init__(self, d_model: int, dropout: float, norm_eps: float, residual: bool, is_ffn: bool,
@@ -206,9 +209,9 @@ class TiSSDLayer(nn.Module):
         self.layer_norm = nn.LayerNorm(d_model, eps=norm_eps)
         self.ffn = FeedForward(d_model, dropout, recompute) if is_ffn else None
 
-    def forward(self, x, tau=None, at=None):  # x [B L D], tau [B H L], at [B]
+    def forward(self, x, tau=None, at=None, packing: Packing | None = None):  # x [B L D] or [1 S D]
         fused = self.ssd.fused and uses_triton(self.ssd.backend, x)
-        out, tau = self.ssd(x, tau, at)  # [B L D], or [B D] with at
+        out, tau = self.ssd(x, tau, at, packing)  # [B L D] ([1 S D]), or [B D] with at
         residual = None
         if self.residual:
             residual = x if at is None else at_positions(x, at)
@@ -246,6 +249,19 @@ class TiM4Rec(ItemScoring, SequentialRecommender):
         position per sequence, so a seed gives other masks than upstream's;
         ``last_position_only: False`` computes every position, as upstream.
 
+        The layers compute at the real positions only (``skip_padding: True``, the default): the
+        batch's sequences laid end to end without their padding (:class:`ssd.Packing`), the
+        convolution and the scan kept from crossing from one sequence to the next. Nothing at a
+        real position reads a padded one there (the convolution and the scan are causal, the
+        rest position-wise), so the scores and gradients are those of the padded batch; the time
+        branch, which mixes positions along the whole sequence, keeps the padded layout. Dropout
+        then draws masks for the real positions only. Where the host knows the batch's total
+        length without waiting for the GPU: on the CPU (for a batch of which at most
+        ``CPU_PACK_BELOW`` is real: above it, padded runs faster there), and in the training step
+        captured as a CUDA graph on one GPU, whose number of slots is fixed from the training
+        data (:meth:`pack_size_for`; a batch over it runs eagerly, padded); elsewhere on a GPU
+        the batch stays padded. ``skip_padding: False`` computes at every position, as upstream.
+
         On the Triton path with ``fused`` (the default), dropout masks are drawn by this project's
         Triton kernels (:mod:`kernels.dropout`): nn.Dropout's distribution, not its random stream,
         so a seed gives other masks than upstream's; the item embedding's gradient is summed by
@@ -253,6 +269,11 @@ class TiM4Rec(ItemScoring, SequentialRecommender):
         (PyTorch's sums under ``torch.use_deterministic_algorithms``). ``fused: False`` uses
         nn.Dropout and PyTorch's embedding.
     """
+
+    # On the CPU, a batch is packed where at most this share of its positions is real: above
+    # it, the padded batch's faster convolution and one-chunk scan win (on two cores, packed
+    # against padded: 0.51 at 60% real, 0.78 at 70%, 1.09 at 80%: bench/cpu_packing.py).
+    CPU_PACK_BELOW = 0.65
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
@@ -265,8 +286,10 @@ class TiM4Rec(ItemScoring, SequentialRecommender):
         self.is_kai_ming_init = config["is_kai_ming_init"]
         self.fused = config["fused"]
         self.last_position_only = config["last_position_only"]
-        for key in ("fused", "last_position_only"):
-            if config[key] not in (True, False):
+        self.skip_padding = config["skip_padding"]
+        self.pack_size = None  # slots of a packed batch on a GPU: set by fixed_pack_size
+        for key in ("fused", "last_position_only", "skip_padding"):
+            if not isinstance(config[key], bool):
                 raise ValueError(f"{key} must be True or False, got {config[key]!r}")
         if config["loss_type"] != "CE":
             raise ValueError(f"TiM4Rec trains with loss_type CE only, got {config['loss_type']!r}")
@@ -327,23 +350,69 @@ class TiM4Rec(ItemScoring, SequentialRecommender):
         tau = self.layer_norm_time(self.dropout(gaps.to(self.item_embedding.weight.dtype)))
         return tau.unsqueeze(1).expand(-1, self.nheads, -1)  # [B H L]
 
-    def encode(self, item_seq, item_seq_len, timestamps=None, at=None):
-        """The hidden state at every position [B L D]; with ``at`` [B], at those positions only
-        [B D] (the last layer then computes its position-wise part there alone)."""
+    def encode(self, item_seq, item_seq_len, timestamps=None, at=None,
+               packing: Packing | None = None):
+        """The hidden state at every position [B L D], or with ``packing`` at every slot [1 S D];
+        with ``at`` [B] (positions, or slots), at those only [B D] (the last layer then computes
+        its position-wise part there alone)."""
         fused = self.fused and uses_triton(self.ssd_backend, item_seq)
-        h = dropout_add_layer_norm(embedding_lookup(self.item_embedding, item_seq, fused), None,
-                                   self.dropout, self.in_layer_norm, fused)  # [B L D]
-        tau = self.time_signal(timestamps, item_seq_len) if self.is_time else None
+        items = item_seq if packing is None else packing.pack(item_seq)  # [B L] or [1 S]
+        h = dropout_add_layer_norm(embedding_lookup(self.item_embedding, items, fused), None,
+                                   self.dropout, self.in_layer_norm, fused)  # [B L D] or [1 S D]
+        tau = self.time_signal(timestamps, item_seq_len) if self.is_time else None  # [B H L]
         *layers, last = self.ssd_layers
         for layer in layers:
-            h, tau = layer(h, tau)
-        return last(h, tau, at)[0]
+            h, tau = layer(h, tau, packing=packing)
+        return last(h, tau, at, packing)[0]
+
+    def packing(self, item_seq_len, seqlen: int) -> Packing | None:
+        """How a batch's real positions are laid out (:class:`ssd.Packing`), or None for the
+        padded batch: without ``skip_padding``; on a GPU outside :meth:`fixed_pack_size` (the
+        packing's size would be read from the GPU, and the host would wait for it); on the CPU,
+        where more than ``CPU_PACK_BELOW`` of the batch's positions are real."""
+        if not self.skip_padding or (self.pack_size is None and item_seq_len.is_cuda):
+            return None
+        if self.pack_size is None and (int(item_seq_len.sum())
+                                       > self.CPU_PACK_BELOW * item_seq_len.numel() * seqlen):
+            return None  # on the CPU, a batch that is mostly real runs faster padded
+        row_slots = Packing.row_slots_for(uses_triton(self.ssd_backend, item_seq_len), seqlen)
+        return Packing.of(item_seq_len, seqlen, self.pack_size, row_slots)
 
     def forward(self, item_seq, item_seq_len, timestamps=None):
-        at = item_seq_len - 1  # [B], the last real position: the one that is scored
+        packing = self.packing(item_seq_len, item_seq.shape[1])
+        # the last real position, the one that is scored: [B] positions, or slots
+        at = item_seq_len - 1 if packing is None else packing.last
         if self.last_position_only:
-            return self.encode(item_seq, item_seq_len, timestamps, at)  # [B D]
-        return self.gather_indexes(self.encode(item_seq, item_seq_len, timestamps), at)
+            return self.encode(item_seq, item_seq_len, timestamps, at, packing)  # [B D]
+        return at_positions(self.encode(item_seq, item_seq_len, timestamps, packing=packing), at)
+
+    def pack_size_for(self, lengths, batch_size: int) -> int | None:
+        """Slots for packing any batch of ``batch_size`` sequences drawn from those of ``lengths``
+        [N] (the training samples'), or None where the model does not pack: their mean total
+        plus 4 standard deviations (exceeded by about 1 batch in 30,000), in steps of 256, at most
+        ``batch_size * MAX_ITEM_LIST_LENGTH``."""
+        if not self.skip_padding or len(lengths) == 0:
+            return None
+        lengths = lengths.double()
+        spread = 4 * float(lengths.std(correction=0)) * math.sqrt(batch_size)
+        size = 256 * math.ceil((batch_size * float(lengths.mean()) + spread) / 256)
+        return min(size, batch_size * self.max_seq_length)
+
+    def fits_pack_size(self, interaction, size: int) -> bool:
+        """Whether a batch's real positions fit ``size`` slots (read on the host: from a batch on
+        a GPU, after waiting for it)."""
+        return int(interaction[self.ITEM_SEQ_LEN].sum()) <= size
+
+    @contextlib.contextmanager
+    def fixed_pack_size(self, size: int | None):
+        """Inside: pack every batch, on a GPU too, into ``size`` slots (None: as outside), so that
+        a GPU step has fixed shapes. Each batch must fit (:meth:`fits_pack_size`): that is not
+        checked here, which would wait for the GPU."""
+        saved, self.pack_size = self.pack_size, size
+        try:
+            yield
+        finally:
+            self.pack_size = saved
 
     def sequence_output(self, interaction):
         timestamps = interaction[self.TIME_SEQ] if self.is_time else None

@@ -16,12 +16,14 @@ Each setting runs in its own process, on one real batch and the real data loader
   unfused`` (``fused: False``: the SSD block as separate modules, not one
   :class:`ssd.FusedSSDBlock`, and dropout, residual and LayerNorm as separate modules), ``graph,
   every position`` (``last_position_only: False``: the last layer's position-wise part at every
-  position, not only the scored one), ``graph, chunk 64`` (the scan in chunks of 64 steps: the
-  same function, other kernel shapes) and ``graph, TF32`` (opt-in: changes float32 results). The
-  control is SASRec (the paper's settings: 8 heads) ``eager + anomaly``: RecBole turns on autograd
-  anomaly detection for the whole process when its model package is imported (SINE's module does
-  it), so that is how RecBole runs SASRec; this project turns it off (:mod:`pipeline.compat`), and
-  ``eager`` without it is shown too.
+  position, not only the scored one), ``graph, padded`` (``skip_padding: False``: every position
+  of the padded batch, not only the real ones), ``graph, chunk 64`` (the scan in chunks of 64
+  steps: the same function, other kernel shapes) and ``graph, TF32`` (opt-in: changes float32
+  results). The control is SASRec (the paper's settings: 8 heads) ``eager + anomaly``: RecBole
+  turns on autograd anomaly detection for the whole process when its model package is imported
+  (SINE's module does it), so that is how RecBole runs SASRec; this project turns it off
+  (:mod:`pipeline.compat`), and ``eager`` without it is shown too. A graph packs the batch's real
+  positions as the trainer's does (TiM4Rec's ``skip_padding``); ``eager`` keeps them padded.
 - **epoch**: one training epoch through the project's trainer (the second one: the first captures
   the graph), and for the control one epoch of RecBole's own ``Trainer._train_epoch``;
   ``loading``: one pass over the training loader with the batches copied to the GPU, no model.
@@ -43,6 +45,7 @@ shipped choices.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -164,17 +167,21 @@ def median_cuda_ms(run, calls: int = 20, warmup: int = 0) -> float:
 
 
 def time_steps(model, batch, graph: bool, anomaly: bool, steps=20, warmup=5,
-               profile_kernels=False) -> dict:
+               profile_kernels=False, train_data=None) -> dict:
     """First step (s), median step (ms) and peak memory (GB) of zero_grad, loss, backward, Adam;
-    with ``profile_kernels``, the GPU time per step of each kind of kernel too."""
+    with ``profile_kernels``, the GPU time per step of each kind of kernel too. A graph packs the
+    batch's real positions as the trainer's does, into slots fixed from ``train_data``."""
     import torch
 
-    from pipeline.cuda_graph import WARMUP_STEPS, GraphedStep
+    from pipeline.cuda_graph import WARMUP_STEPS, GraphedStep, packed_size
 
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     if graph:
-        step = GraphedStep(model.calculate_loss, optimizer, len(batch))
+        packed = packed_size(model, train_data, len(batch))
+        if packed is not None and not packed.fits(batch):
+            raise RuntimeError(f"the timed batch does not fit {packed.size} slots")
+        step = GraphedStep(model.calculate_loss, optimizer, len(batch), packed=packed)
         def run():
             return step(batch)
     else:
@@ -246,8 +253,10 @@ def child(setting: str, data_path: str, quick: bool, profile: bool, models=MODEL
     dataset = create_dataset(config)
     train_data, _, test_data = data_preparation(config, dataset)
     batch = next(iter(train_data)).to("cuda")
+    lengths = train_data.dataset.inter_feat[config["ITEM_LIST_LENGTH_FIELD"]]
     out = {"setting": setting, "dataset": SETTINGS[setting][1], "batch": len(batch),
            "length": config["MAX_ITEM_LIST_LENGTH"], "hidden": config["hidden_size"],
+           "real_fraction": float(lengths.double().mean()) / config["MAX_ITEM_LIST_LENGTH"],
            "n_items": dataset.item_num, "batches": len(train_data),
            "train_samples": len(train_data.dataset), "loading_s": loading_seconds(train_data),
            "ssd": {k: config[k] for k in ("num_layers", "d_state", "d_conv", "expand", "head_dim",
@@ -264,6 +273,7 @@ def child(setting: str, data_path: str, quick: bool, profile: bool, models=MODEL
             variants += [("graph, recompute", True, False, {"recompute": True}),
                          ("graph, unfused", True, False, {"fused": False}),
                          ("graph, every position", True, False, {"last_position_only": False}),
+                         ("graph, padded", True, False, {"skip_padding": False}),
                          ("graph, chunk 64", True, False, {"chunk_size": 64}),
                          ("graph, TF32", True, False, {"enable_tf32": True})]
         for label, graph, anomaly, changes in [v for v in variants if v[0] not in skip]:
@@ -274,7 +284,7 @@ def child(setting: str, data_path: str, quick: bool, profile: bool, models=MODEL
             tf32 = bool(model_config["enable_tf32"])
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
             try:
-                row = time_steps(model, batch, graph, anomaly,
+                row = time_steps(model, batch, graph, anomaly, train_data=train_data,
                                  profile_kernels=profile and name == "TiM4Rec" and label == "graph")
             except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
                 row = {"error": " ".join(str(error).split())[:200]}
@@ -309,6 +319,7 @@ def first_step_child(setting: str, data_path: str, shipped: bool, ahead: bool) -
     import torch
 
     from pipeline import autotune, precompile
+    from pipeline.cuda_graph import packed_size
 
     if not shipped:
         autotune.SHIPPED = None
@@ -319,13 +330,16 @@ def first_step_child(setting: str, data_path: str, shipped: bool, ahead: bool) -
     batch = next(iter(train_data)).to("cuda")
     model = _model(spec, config, train_data.dataset)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    packed = packed_size(model, train_data, len(batch))  # the captured step's shapes
     out = {}
 
     def step():
         if ahead:
-            out.update(precompile.compile_step(model, batch))
+            out.update(precompile.compile_step(model, batch,
+                                               train_inside=packed.fixed if packed else None))
         optimizer.zero_grad(set_to_none=True)
-        model.calculate_loss(batch).backward()
+        with packed.fixed() if packed else contextlib.nullcontext():
+            model.calculate_loss(batch).backward()
         optimizer.step()
     out["first_s"], _ = _sync_time(step)
     return out  # (the new choices are saved at exit, for the warm run)
@@ -347,7 +361,8 @@ def floor(row: dict) -> dict:
     per head and sequence) 2H(2L+1); the position-wise rest, z's part of in_proj 2DE, out_proj
     2ED, FFN 16D^2, at every position but in the last layer, where only the scored position needs
     it (one per sequence); per sequence, the scores against every item 2D * n_items. Elementwise
-    work is left out.
+    work is left out. Positions are the real ones (the training samples' mean length, times B),
+    as nothing at a real position needs a padded one; the time branch runs over all L.
 
     Bytes: what a step cannot avoid moving in float32 (4 bytes): each layer's activations that the
     backward needs, written once and read once: the layer input [L D], in_proj's output (z [E] and
@@ -360,13 +375,14 @@ def floor(row: dict) -> dict:
     E, N, K, Q = s["expand"] * D, s["d_state"], s["d_conv"], s["chunk_size"]
     H = E // s["head_dim"]
     layers = s["num_layers"]
-    time_branch = 2 * H * (2 * L + 1) if s.get("is_time", True) else 0
-    to_scan = (2 * D * (E + 2 * N + H) + 2 * K * (E + 2 * N) + 2 * Q * (N + E) + 4 * N * E
-               + time_branch)
+    real = B * L * row.get("real_fraction", 1.0)  # real positions per batch
+    time_branch = B * L * 2 * H * (2 * L + 1) if s.get("is_time", True) else 0
+    to_scan = (2 * D * (E + 2 * N + H) + 2 * K * (E + 2 * N) + 2 * Q * (N + E) + 4 * N * E)
     position_wise = 2 * D * E + 2 * E * D + 16 * D * D
-    rest_positions = B * (L * (layers - 1) + 1)  # where the position-wise rest is needed
-    flops = 3 * (B * L * layers * to_scan + rest_positions * position_wise + B * 2 * D * n_items)
-    activations = B * L * layers * (D + E + 2 * N + H) + rest_positions * (2 * E + 4 * D)
+    rest_positions = real * (layers - 1) + B  # where the position-wise rest is needed
+    flops = 3 * (layers * (real * to_scan + time_branch) + rest_positions * position_wise
+                 + B * 2 * D * n_items)
+    activations = real * layers * (D + E + 2 * N + H) + rest_positions * (2 * E + 4 * D)
     params = n_items * D + layers * (D * (2 * E + 2 * N + H) + E * D + 8 * D * D
                                      + (2 * L * L if s.get("is_time", True) else 0))
     moved = 4 * (2 * activations + 3 * B * n_items + 7 * params) + 8 * B * (2 * L + 2)

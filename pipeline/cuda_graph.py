@@ -11,7 +11,10 @@ What a graph needs, and what this module does about it:
 
 - Fixed shapes and addresses: the batch is copied into tensors captured once. The full batch size
   is the first batch's; a batch of another size (the last, partial batch of an epoch) runs
-  eagerly, with the same parameters and optimizer.
+  eagerly, with the same parameters and optimizer. A model that packs its batches' real positions
+  (TiM4Rec's ``skip_padding``) packs them into a fixed number of slots (:class:`PackedSize`),
+  which a batch's lengths, read on the host before it is copied, must fit; one that does not runs
+  eagerly, padded.
 - No wait for the host: a batch still on the CPU is pinned and copied into those tensors without
   blocking, behind the replay before it on the same stream, so the host prepares the next batches
   while the GPU works (a plain ``.to(device)`` from pageable memory waits for the GPU to go idle).
@@ -36,7 +39,9 @@ those in :data:`VERIFIED_DISTRIBUTED_MODELS` on several; ``True`` captures any m
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from typing import NamedTuple
 
 import torch
 
@@ -49,6 +54,33 @@ VERIFIED_MODELS = ("TiM4Rec", "SASRec", "Mamba4Rec")
 VERIFIED_DISTRIBUTED_MODELS = ("TiM4Rec",)
 WARMUP_STEPS = 2  # eager steps before capturing: library handles, Triton autotuning, optimizer state
 DISTRIBUTED_WARMUP_STEPS = 11  # what DistributedDataParallel needs before its hooks can be captured
+
+
+class PackedSize(NamedTuple):
+    """The fixed number of slots, ``size``, of a model's packed batches in a captured step: the
+    model defines ``pack_size_for(lengths, batch_size)``, ``fits_pack_size(interaction, size)``
+    and ``fixed_pack_size(size)`` (a context), as TiM4Rec does (``skip_padding``)."""
+
+    model: torch.nn.Module
+    size: int
+
+    def fits(self, interaction) -> bool:
+        """Whether a batch's real positions fit (read on the host)."""
+        return self.model.fits_pack_size(interaction, self.size)
+
+    def fixed(self, model=None):
+        """A context in which ``model`` (default: this one; or a copy of it) packs at ``size``."""
+        return (model or self.model).fixed_pack_size(self.size)
+
+
+def packed_size(model, train_data, batch_size: int) -> PackedSize | None:
+    """The :class:`PackedSize` of a model's captured step over ``train_data`` (a RecBole loader of
+    sequences), or None where the model does not pack."""
+    size_for = getattr(model, "pack_size_for", None)
+    if size_for is None:
+        return None
+    size = size_for(train_data.dataset.inter_feat[model.ITEM_SEQ_LEN], batch_size)
+    return None if size is None else PackedSize(model, size)
 
 
 def reason_not_captured(setting, model: str, distributed: bool, optimizer, *, clip_grad_norm,
@@ -108,11 +140,13 @@ class GraphedStep:
     Batches of ``batch_size`` rows (default: the first batch's) are replayed from a graph captured
     at the ``warmup + 1``-th such batch; any other batch, and every batch before, runs eagerly.
     ``stream``: the side stream of the warm-up and the capture (a DDP module must have been built
-    on it).
+    on it). ``packed``: the model packs batches into this many slots in the warm-up and the
+    capture; a batch that does not fit runs eagerly.
     """
 
     def __init__(self, loss_func, optimizer, batch_size: int | None = None,
-                 warmup: int = WARMUP_STEPS, stream=None, device=None):
+                 warmup: int = WARMUP_STEPS, stream=None, device=None,
+                 packed: PackedSize | None = None):
         self.loss_func = loss_func
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda", torch.cuda.current_device())
@@ -126,6 +160,7 @@ class GraphedStep:
         self.captured_lrs = None
         self.warm_steps = 0
         self.failed = None  # why capture failed, once it has
+        self.packed = packed
         make_capturable(optimizer)
 
     def _lrs(self):
@@ -151,10 +186,14 @@ class GraphedStep:
             fields[k].shape == static[k].shape and fields[k].dtype == static[k].dtype
             for k in fields)
 
+    def _fixed(self):
+        """The shapes of the captured step (see ``packed``)."""
+        return self.packed.fixed() if self.packed else contextlib.nullcontext()
+
     def _warm(self, interaction):
         # On the capture's side stream, as PyTorch asks of the steps that precede a capture.
         self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
+        with torch.cuda.stream(self.stream), self._fixed():
             loss = self._eager(interaction)
         torch.cuda.current_stream().wait_stream(self.stream)
         self.warm_steps += 1
@@ -168,7 +207,7 @@ class GraphedStep:
         self.graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)  # gradients are then allocated by the graph
         torch.cuda.synchronize()
-        with torch.cuda.graph(self.graph, stream=self.stream):
+        with torch.cuda.graph(self.graph, stream=self.stream), self._fixed():
             loss = self.loss_func(self.static_batch)
             loss.backward()
             self.optimizer.step()
@@ -191,7 +230,8 @@ class GraphedStep:
     def __call__(self, interaction):
         if self.batch_size is None:
             self.batch_size = self._rows(interaction)
-        if self.failed or self._rows(interaction) != self.batch_size:
+        if (self.failed or self._rows(interaction) != self.batch_size
+                or (self.packed and not self.packed.fits(interaction))):
             return self._eager(interaction)
         if self.graph is None and self.warm_steps < self.warmup:
             return self._warm(interaction)

@@ -179,11 +179,12 @@ def compile_ahead(run, workers: int | None = None) -> dict:
 
 
 def compile_step(model, interaction, amp: bool = False, workers: int | None = None,
-                 train: bool = True) -> dict:
+                 train: bool = True, train_inside=None) -> dict:
     """:func:`compile_ahead` for ``model``'s training step on ``interaction`` (a batch on the
     model's device): forward and backward of its loss, and its full-sort scores in eval mode, so
     that the first validation finds its kernels too; with ``train`` False, the scores only (a run
-    that only evaluates).
+    that only evaluates). ``train_inside(model)``: a context for the training part (the shapes
+    of a captured step, :class:`pipeline.cuda_graph.PackedSize`), or None.
 
     The dry pass runs on a copy of the model, which is then dropped: the model's gradients,
     buffers and mode stay as they were, and autograd hooks on its parameters (those of
@@ -195,7 +196,8 @@ def compile_step(model, interaction, amp: bool = False, workers: int | None = No
 
     def run():
         if train:
-            with torch.autocast(device_type="cuda", enabled=amp):
+            inside = train_inside(shadow) if train_inside else contextlib.nullcontext()
+            with inside, torch.autocast(device_type="cuda", enabled=amp):
                 shadow.calculate_loss(interaction).backward()
         shadow.eval()
         try:

@@ -120,7 +120,7 @@ class ProjectTrainer(Trainer):
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         start = time.perf_counter()
         self.model.train()
-        graphed = self._graphed_step() if loss_func is None else None
+        graphed = self._graphed_step(train_data) if loss_func is None else None
         if loss_func is None:  # in a distributed run, through DDP, which averages the gradients
             loss_func = self.distributed_loss or self.model.calculate_loss
         total = torch.zeros((), device=self.device)
@@ -159,11 +159,16 @@ class ProjectTrainer(Trainer):
 
     def _compile_ahead(self, interaction, train: bool = True):
         """Compile the Triton kernels of the training step (``train``) and of full-sort scoring
-        side by side, once, before the first step or evaluation (:mod:`pipeline.precompile`)."""
+        side by side, once, before the first step or evaluation (:mod:`pipeline.precompile`);
+        those of the captured step where it packs its batches (:class:`cuda_graph.PackedSize`)."""
         self._compile_pending = False
+        packed = self._graphed.packed if train and self._graphed else None
+        if packed is not None and not packed.fits(interaction):
+            packed = None
         try:
             done = precompile.compile_step(self.model, interaction.to(self.device),
-                                           amp=self.enable_amp, train=train)
+                                           amp=self.enable_amp, train=train,
+                                           train_inside=packed.fixed if packed else None)
         except Exception as error:  # noqa: BLE001 (e.g. a Triton without the hooks it needs)
             self.logger.warning(f"Triton kernels not compiled ahead ({type(error).__name__}: "
                                 f"{error}); each compiles at its first launch")
@@ -179,17 +184,25 @@ class ProjectTrainer(Trainer):
             if self._graphed:
                 self._graphed.release()  # before the process group goes (pipeline.cuda_graph)
 
-    def _graphed_step(self):
+    def _graphed_step(self, train_data):
         """The CUDA-graph training step (:mod:`pipeline.cuda_graph`), or None where it is off or
         cannot be used (said once in the log)."""
         if self._graphed is None and self._graph_stream is not None:
             # Built here, after a resumed optimizer state is loaded: it turns on ``capturable``.
             # Its batch size is the first batch's: the loader's, per rank in a distributed run.
+            # Packed batches on one GPU only: ranks whose batches fit differently would replay
+            # and run eagerly at the same step.
+            packed = None
+            if not distributed.active():
+                packed = cuda_graph.packed_size(self.model, train_data,
+                                                self.config["train_batch_size"])
+            if packed is not None:
+                self.logger.info(f"captured step: batches packed into {packed.size} slots")
             self._graphed = cuda_graph.GraphedStep(
                 self.distributed_loss or self.model.calculate_loss, self.optimizer,
                 warmup=(cuda_graph.DISTRIBUTED_WARMUP_STEPS if distributed.active()
                         else cuda_graph.WARMUP_STEPS),
-                stream=self._graph_stream, device=self.device)
+                stream=self._graph_stream, device=self.device, packed=packed)
         return self._graphed
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):

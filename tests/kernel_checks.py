@@ -62,6 +62,16 @@ def conv_errors(device: str, dtype: torch.dtype) -> dict:
         # dx went into the given slice, and nowhere else
         errors[f"{name} dx outside"] = (dx_into[..., 0].abs().sum()
                                         + dx_into[..., channels + 1:].abs().sum()).item()
+        # sequences laid end to end in each row (seq_idx): sorted, some one step long
+        seq_idx = torch.randint(0, max(2, length // 3), (batch, length), generator=g)
+        seq_idx = seq_idx.sort(dim=1).values.to(device=device, dtype=torch.int32)
+        ref = causal_conv_act_ref(*leaves, activation, seq_idx)
+        ref_grads = torch.autograd.grad(ref, leaves, dout)
+        errors[f"{name} seq_idx out"] = rel_err(
+            causal_conv_act(x, weight, bias, activation, seq_idx), ref)
+        grads = causal_conv_act_bwd(x, weight, bias, dout, activation, seq_idx=seq_idx)
+        for label, grad, ref_grad in zip(("dx", "dweight", "dbias"), grads, ref_grads):
+            errors[f"{name} seq_idx {label}"] = rel_err(grad, ref_grad)
     return errors
 
 

@@ -8,6 +8,7 @@ import torch
 from pipeline.cuda_graph import (
     WARMUP_STEPS,
     GraphedStep,
+    PackedSize,
     make_capturable,
     reason_not_captured,
     reset_capturable,
@@ -22,11 +23,11 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available() or triton_unavailable_re
                           reason="needs CUDA and mamba-ssm's Triton kernels")
 
 
-def batch_of(rows, seed, length=50, device="cuda"):
+def batch_of(rows, seed, length=50, device="cuda", shortest=1):
     from recbole.data.interaction import Interaction
 
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(1, length + 1, (rows,), generator=g)
+    lengths = torch.randint(shortest, length + 1, (rows,), generator=g)
     pad = torch.arange(length) >= lengths[:, None]
     items = torch.randint(1, N_ITEMS, (rows, length), generator=g).masked_fill(pad, 0)
     gaps = torch.randint(60, 10**6, (rows, length), generator=g)
@@ -91,24 +92,29 @@ def test_a_capturable_state_resumes_on_the_cpu():
 
 
 @cuda
-@pytest.mark.parametrize("source", ["cuda", "cpu"])
+@pytest.mark.parametrize("source,packed", [("cuda", False), ("cpu", False), ("cpu", True)])
 @pytest.mark.parametrize("is_time", [True, False])
-def test_replayed_steps_equal_eager_steps(is_time, source):
+def test_replayed_steps_equal_eager_steps(is_time, source, packed):
     """From the same weights, optimizer state and random seed, replays of the captured step give
     the eager steps' losses, gradients and Adam moments (float32 tolerance), for new batches copied
     into the graph (from the CPU: queued without waiting, one behind the other); a partial batch in
-    between runs eagerly and leaves the graph usable."""
+    between runs eagerly and leaves the graph usable. ``packed``: the step packs the batches' real
+    positions into 2048 slots (the eager steps too); a batch over that runs eagerly, padded."""
     config = make_config(device=torch.device("cuda"), ssd_backend="triton", MAX_ITEM_LIST_LENGTH=50,
                          hidden_size=64, d_state=32, head_dim=32, chunk_size=32, is_time=is_time,
                          recompute=True)  # the capture holds the recomputation in backward too
     torch.manual_seed(0)
     model = TiM4Rec(config, FakeDataset()).cuda().train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    step = GraphedStep(model.calculate_loss, optimizer, batch_size=64)
+    size = PackedSize(model, 2048) if packed else None  # 64 x 50 positions, 1632 real on average
+    step = GraphedStep(model.calculate_loss, optimizer, batch_size=64, packed=size)
     for i in range(WARMUP_STEPS + 1):  # warm-up, then capture (and replay) on the last
         step(batch_of(64, seed=i))
     assert step.graph is not None and not step.failed
     assert torch.isfinite(step(batch_of(17, seed=10, device=source)))  # partial batch: eager
+    if packed:  # 2240 real positions or more: eager, padded
+        over = batch_of(64, seed=11, device=source, shortest=35)
+        assert not size.fits(over) and torch.isfinite(step(over))
 
     twin = copy.deepcopy(model)
     twin_optimizer = torch.optim.Adam(twin.parameters(), lr=1e-3, capturable=True)
@@ -124,8 +130,10 @@ def test_replayed_steps_equal_eager_steps(is_time, source):
     torch.cuda.manual_seed(123)
     twin_losses = []
     for batch in batches:
+        assert not packed or size.fits(batch)
         twin_optimizer.zero_grad(set_to_none=True)
-        twin_loss = twin.calculate_loss(batch.to("cuda"))
+        with twin.fixed_pack_size(size.size if packed else None):
+            twin_loss = twin.calculate_loss(batch.to("cuda"))
         twin_loss.backward()
         twin_optimizer.step()
         twin_losses.append(twin_loss.detach())

@@ -5,6 +5,7 @@ import torch
 import yaml
 
 from pipeline import ROOT
+from ssd import Packing
 from ssd import triton_unavailable_reason as ssd_triton_reason
 from tests.numerics import rel_err
 from tests.upstream_reference import upstream_keys, upstream_scores
@@ -177,6 +178,55 @@ def test_last_position_only_gives_the_scores_and_gradients_of_every_position(ove
         assert torch.allclose(grads[True][name], grad, rtol=1e-10, atol=1e-13), name
 
 
+@pytest.mark.parametrize("overrides", [dict(), dict(is_time=False),
+                                       dict(num_layers=1, is_ffn=False),
+                                       dict(last_position_only=False)])
+def test_skip_padding_gives_the_scores_and_gradients_of_the_padded_batch(overrides, monkeypatch):
+    """``skip_padding`` (the default): the layers compute at the batch's real positions only,
+    laid end to end (on the CPU, exactly as many slots; in a fixed number of slots, with filler
+    after them, as a captured GPU step does), here in rows of 12 nominal slots. The scores and
+    loss gradients of the padded batch, float64."""
+    monkeypatch.setattr(Packing, "ROW_SEQUENCES", 1)
+    monkeypatch.setattr(TiM4Rec, "CPU_PACK_BELOW", 1.0)  # pack this batch, whatever its share
+    items, lengths, times = make_batch()
+    interaction = {"item_id_list": items, "item_length": lengths, "timestamp_list": times,
+                   "item_id": torch.randint(1, N_ITEMS, (5,))}
+    results = {}
+    for run in ("padded", "packed", "fixed size"):
+        model = make_model(skip_padding=run != "padded", **overrides)
+        assert (model.packing(lengths, 12) is None) == (run == "padded")
+        with model.fixed_pack_size(48 if run == "fixed size" else None):  # 35 real positions
+            scores = model.full_sort_predict(interaction)
+            model.calculate_loss(interaction).backward()
+        results[run] = scores, {n: p.grad for n, p in model.named_parameters()
+                                if p.grad is not None}
+    scores, grads = results.pop("padded")
+    for run, (run_scores, run_grads) in results.items():
+        assert torch.allclose(run_scores, scores, rtol=1e-12, atol=1e-13), run
+        assert run_grads.keys() == grads.keys()
+        for name, grad in grads.items():
+            assert torch.allclose(run_grads[name], grad, rtol=1e-10, atol=1e-13), (run, name)
+
+
+def test_pack_size_covers_batches_of_the_training_lengths():
+    model = make_model()
+    lengths = torch.randint(1, 13, (5000,), generator=torch.Generator().manual_seed(0))
+    size = model.pack_size_for(lengths, 100)
+    sums = torch.stack([lengths[torch.randperm(5000)[:100]].sum() for _ in range(300)])
+    assert size % 256 == 0 and sums.max() <= size <= 100 * 12
+    assert size < sums.float().mean() + 5 * lengths.double().std() * 10 + 256  # not far over
+    assert model.pack_size_for(torch.full((50,), 12), 100) == 1200  # never over B x L
+    assert make_model(skip_padding=False).pack_size_for(lengths, 100) is None
+    batch = {"item_length": torch.tensor([12, 1, 3])}
+    assert model.fits_pack_size(batch, 16) and not model.fits_pack_size(batch, 15)
+    # on the CPU, a batch mostly of real positions stays padded, unless a size is fixed
+    mostly_real = torch.tensor([12, 12, 9])  # 33 of 36
+    assert model.packing(mostly_real, 12) is None
+    assert model.packing(torch.tensor([2, 5, 1]), 12) is not None
+    with model.fixed_pack_size(48):
+        assert model.packing(mostly_real, 12) is not None
+
+
 def test_causal_without_time():
     model = make_model(is_time=False)
     items, lengths, _ = make_batch()
@@ -216,6 +266,7 @@ def test_time_gaps_change_the_scores_and_masking_switch():
     (dict(), False, "is_time needs the time field"),
     (dict(loss_type="BPR"), True, "CE only"),
     (dict(last_position_only="yes"), True, "last_position_only must be True or False"),
+    (dict(skip_padding=1), True, "skip_padding must be True or False"),
     (dict(fused=None), True, "fused must be True or False"),
     (dict(ssd_backend="triton"), True, "triton cannot run"),
 ])
@@ -270,13 +321,15 @@ def test_layer_ends_fused_equal_the_modules_with_the_kernels_mask(with_residual)
 
 
 @triton_gpu
-@pytest.mark.parametrize("case", ["movie_64d", "without_time"])
-def test_triton_model_matches_torch_model_on_gpu(case):
+@pytest.mark.parametrize("case,packed", [("movie_64d", False), ("without_time", False),
+                                         ("movie_64d", True)])
+def test_triton_model_matches_torch_model_on_gpu(case, packed):
     """Same weights and batch: the Triton path's scores and loss gradient equal the PyTorch path's,
     and both equal those of the plain model on the CPU in float64 (on the GPU, the FFN is recomputed
     in backward and the Triton path's SSD block runs as one FusedSSDBlock, each dropout, residual
     and LayerNorm as one kernel, and the last layer computes its position-wise part at the scored
-    position only; on the CPU, at every position)."""
+    position only; on the CPU, at every position of the padded batch). ``packed``: the GPU models
+    compute at the real positions only, in a fixed number of slots (as the captured step does)."""
     overrides = dict(PARITY_CASES[case], device=torch.device("cuda"), MAX_ITEM_LIST_LENGTH=50,
                      hidden_size=64, d_state=32, head_dim=32, chunk_size=32, recompute=True)
     models = {}
@@ -286,7 +339,7 @@ def test_triton_model_matches_torch_model_on_gpu(case):
                                   FakeDataset()).cuda().eval()
     models["triton"].load_state_dict(models["torch"].state_dict())
     on_cpu = {**overrides, "device": torch.device("cpu"), "ssd_backend": "torch",
-              "last_position_only": False}
+              "last_position_only": False, "skip_padding": False}
     models["cpu"] = TiM4Rec(make_config(**on_cpu), FakeDataset()).to(torch.float64).eval()
     models["cpu"].load_state_dict(models["torch"].state_dict())
     g = torch.Generator().manual_seed(2)
@@ -299,8 +352,10 @@ def test_triton_model_matches_torch_model_on_gpu(case):
     scores, grads = {}, {}
     for backend, model in models.items():
         on = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
-        scores[backend] = model.full_sort_predict(on).float().cpu()
-        model.calculate_loss(on).backward()
+        size = int(lengths.sum()) + 100 if packed and backend != "cpu" else None
+        with model.fixed_pack_size(size):
+            scores[backend] = model.full_sort_predict(on).float().cpu()
+            model.calculate_loss(on).backward()
         grads[backend] = torch.cat([p.grad.flatten() for p in model.parameters()
                                     if p.grad is not None]).float().cpu()
     assert rel_err(scores["triton"], scores["torch"]) < 1e-4

@@ -195,7 +195,8 @@ def test_kernels_are_compiled_ahead_once_before_training_and_before_an_evaluatio
     evaluates; never with compile_ahead False; a failure is a warning, not the end of the run."""
     calls = []
 
-    def compile_step(model, interaction, amp=False, workers=None, train=True):
+    def compile_step(model, interaction, amp=False, workers=None, train=True, train_inside=None):
+        assert train_inside is None  # no captured step here, and so no packed shapes for it
         calls.append((train, type(interaction).__name__))
         return {"kernels": 3, "failed": 0, "dry_s": 0.0, "compile_s": 0.0}
 

@@ -66,6 +66,93 @@ def test_chunked_scan_options_equal_recurrence(D_shape, softplus, dt_limit):
         assert rel_err(g[name], g_ref[name]) < 1e-10, name
 
 
+# Sequences laid end to end (seq_idx per batch row): boundaries inside chunks and on their edges,
+# one-step sequences, a row that is one sequence; each a run with a number of its own.
+SEQUENCES = {
+    "inside chunks": [[0] * 5 + [1] + [2] * 13 + [3] * 18, [0] * 37],
+    "on chunk edges": [[0] * 8 + [1] * 8 + [2] * 16 + [3] * 5, [0] * 3 + [1] * 29 + [2] * 5],
+    "one step each": [list(range(37)), [0] * 36 + [1]],
+}
+
+
+def seq_idx_of(name):
+    return torch.tensor(SEQUENCES[name], dtype=torch.int32)
+
+
+def each_sequence_alone(fn, inputs, seq_idx, **kwargs):
+    """``fn`` on each sequence of each row of ``seq_idx`` alone, put back in place: [b l ...]."""
+    rows = []
+    for b in range(seq_idx.shape[0]):
+        parts = []
+        for s in seq_idx[b].unique():
+            steps = seq_idx[b] == s
+            alone = {k: v[b:b + 1][:, steps] if v is not None and v.dim() > 1 else v
+                     for k, v in inputs.items()}
+            parts.append(fn(**alone, **kwargs))
+        rows.append(torch.cat(parts, dim=1))
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("sequences", SEQUENCES)
+@pytest.mark.parametrize("chunk_size", [4, 8, 64])
+def test_chunked_scan_with_seq_idx_scans_each_sequence_alone(sequences, chunk_size):
+    """``seq_idx``: nothing passes from one sequence to the next. The recurrence with it equals
+    each sequence scanned alone; the chunked scan (values and gradients) equals the recurrence."""
+    seq_idx = seq_idx_of(sequences)
+    inputs = random_inputs(2, 37, 4, 5, 2, 6, seed=11)
+    y_ref, g_ref = outputs_and_grads(ssd.ssd_recurrence, inputs, dt_softplus=True,
+                                     seq_idx=seq_idx)
+    alone = each_sequence_alone(ssd.ssd_recurrence, inputs, seq_idx, dt_softplus=True)
+    assert rel_err(y_ref, alone) < 1e-12
+    assert rel_err(y_ref, ssd.ssd_recurrence(**inputs, dt_softplus=True)) > 1e-3  # it matters
+    y, g = outputs_and_grads(ssd.chunk_scan_torch, inputs, chunk_size=chunk_size,
+                             dt_softplus=True, seq_idx=seq_idx)
+    assert rel_err(y, y_ref) < 1e-10
+    for name in g_ref:
+        assert rel_err(g[name], g_ref[name]) < 1e-10, name
+
+
+@pytest.mark.parametrize("sequences", SEQUENCES)
+@pytest.mark.parametrize("conv", [ssd.conv_masked, ssd.conv_less_crossings])
+def test_causal_conv_with_seq_idx_convolves_each_sequence_alone(conv, sequences):
+    """Both ways of keeping the convolution within each sequence: the values and gradients of
+    convolving each sequence alone."""
+    seq_idx = seq_idx_of(sequences)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 37, 6, generator=g, dtype=F64, requires_grad=True)  # [B L C]
+    weight = torch.randn(6, 1, 4, generator=g, dtype=F64, requires_grad=True)
+    bias = torch.randn(6, generator=g, dtype=F64, requires_grad=True)
+    dout = torch.randn(2, 37, 6, generator=g, dtype=F64)
+    out = conv(x.transpose(1, 2), weight, bias, seq_idx).transpose(1, 2)  # seen as [B C L]
+    alone = each_sequence_alone(
+        lambda x: ssd.causal_conv1d(x.transpose(1, 2), weight, bias).transpose(1, 2),
+        {"x": x}, seq_idx)
+    assert torch.allclose(out, alone, rtol=1e-13, atol=1e-13)
+    for grad, ref in zip(torch.autograd.grad(out, (x, weight, bias), dout),
+                         torch.autograd.grad(alone, (x, weight, bias), dout)):
+        assert torch.allclose(grad, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_packing_lays_real_positions_end_to_end_in_rows():
+    lengths = torch.tensor([3, 1, 4])
+    packing = ssd.Packing.of(lengths, seqlen=5, size=10)  # one row of 10 + 4 slots
+    assert packing.rows.tolist() == [0, 1, 2, 5, 10, 11, 12, 13] + [0] * 6  # [B*L] rows
+    assert packing.seq_idx.tolist() == [[0, 0, 0, 1, 2, 2, 2, 2] + [3] * 6]  # filler: B
+    assert packing.last.tolist() == [2, 3, 7]
+    x = torch.arange(15.0).view(3, 5)
+    assert packing.pack(x).tolist() == [[0, 1, 2, 5, 10, 11, 12, 13] + [0] * 6]
+    exact = ssd.Packing.of(lengths, seqlen=5)  # 8 slots, and 4 for a sequence that runs over
+    assert exact.rows.tolist() == packing.rows[:12].tolist() and exact.seq_idx.shape == (1, 12)
+
+    # two rows of 5 nominal slots: the second sequence starts in row 0 and runs into its extra
+    # slots; the third starts in row 1 (stream position 7, slot 2 of that row)
+    lengths = torch.tensor([3, 4, 2])
+    packing = ssd.Packing.of(lengths, seqlen=5, size=9, row_slots=5)
+    assert packing.seq_idx.tolist() == [[0, 0, 0, 1, 1, 1, 1, 3, 3], [3, 3, 2, 2] + [3] * 5]
+    assert packing.rows.tolist() == [0, 1, 2, 5, 6, 7, 8, 0, 0, 0, 0, 10, 11] + [0] * 5
+    assert packing.last.tolist() == [2, 6, 12]
+
+
 def test_recurrence_matches_hand_computed_single_step():
     # One head, one channel, one state: y_1 = C_1 * (delta_1 x_1 B_1) + D x_1, delta = softplus(dt + bias).
     x, dt, B, C = (torch.tensor(v, dtype=F64).reshape(1, 1, 1, 1) for v in (2.0, 0.3, 1.5, -0.5))
@@ -266,6 +353,47 @@ def test_block_output_at_positions_equals_every_position_read_there(path, is_tim
         assert torch.allclose(at_grads[name], every[name], rtol=1e-10, atol=1e-12), name
 
 
+@pytest.mark.parametrize("path", ["modules", "fused node"])
+@pytest.mark.parametrize("is_time,bias,with_at", [(True, True, False), (True, False, True),
+                                                  (False, True, True)])
+def test_packed_block_equals_the_padded_block_at_real_positions(path, is_time, bias, with_at):
+    """``packing``: the batch's real positions laid end to end, with filler slots after them.
+    At every real position (or, ``with_at``, at each sequence's last), the output and every
+    gradient (weights, u, tau) of the padded batch, in float64."""
+    torch.manual_seed(0)
+    block = ssd.TimeAwareSSD(16, max_seq_length=12, d_state=8, head_dim=8, chunk_size=4,
+                             is_time=is_time, bias=bias, backend="torch").double().eval()
+    for p in block.parameters():
+        p.data.add_(torch.randn_like(p), alpha=0.1)
+    lengths = torch.tensor([12, 1, 5, 9])
+    packing = ssd.Packing.of(lengths, 12, size=32, row_slots=10)  # 27 real positions, 4 rows
+    u = torch.randn(4, 12, 16, dtype=F64, requires_grad=True)
+    tau = torch.randn(4, block.nheads, 12, dtype=F64, requires_grad=True) if is_time else None
+    real = packing.seq_idx.flatten() < 4
+
+    def run(u, tau, packing=None, at=None):
+        if path == "modules":
+            return block(u, tau, at, packing)
+        return block.forward_fused(u, tau, ssd.torch_block_kernels(), at, packing)
+
+    def padded(u, tau):
+        out, tau_next = run(u, tau)
+        out = packing.pack(out)[:, real] if not with_at else ssd.at_positions(out, lengths - 1)
+        return out, tau_next
+
+    def packed(u, tau):
+        out, tau_next = run(packing.pack(u), tau, packing, packing.last if with_at else None)
+        return (out if with_at else out[:, real]), tau_next
+
+    padded_out, padded_grads = block_outputs_and_grads(block, u, tau, padded)
+    packed_out, packed_grads = block_outputs_and_grads(block, u, tau, packed)
+    assert packed_out.shape == ((4, 16) if with_at else (1, 27, 16))
+    assert torch.allclose(packed_out, padded_out, rtol=1e-12, atol=1e-13)
+    assert packed_grads.keys() == padded_grads.keys()
+    for name in padded_grads:
+        assert torch.allclose(packed_grads[name], padded_grads[name], rtol=1e-10, atol=1e-12), name
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(head_dim=48), "head_dim"),
     (dict(chunk_size=24), "power of two"),
@@ -338,3 +466,47 @@ def test_fused_block_with_triton_kernels_matches_module_path(is_time, hidden, he
     print(errors)
     assert fused.keys() == plain.keys()
     assert all(err < 1e-4 for err in errors.values()), errors
+
+
+@cuda
+@pytest.mark.parametrize("fused,is_time,hidden,head_dim,d_state,with_at", [
+    (True, True, 64, 32, 32, True), (True, True, 64, 32, 32, False),
+    (True, False, 256, 128, 64, True), (False, True, 64, 32, 32, True)])
+def test_packed_triton_block_matches_the_padded_modules(fused, is_time, hidden, head_dim,
+                                                        d_state, with_at):
+    """On the GPU: the block on packed real positions (mamba-ssm's scan with ``seq_idx``, this
+    project's convolution with it; ``fused``: as one node) against the padded block as separate
+    modules, at the real positions (or, ``with_at``, each sequence's last), float32."""
+    torch.manual_seed(0)
+    block = ssd.TimeAwareSSD(hidden, max_seq_length=200, d_state=d_state, head_dim=head_dim,
+                             is_time=is_time, backend="triton").cuda().eval()
+    for p in block.parameters():
+        p.data.add_(torch.randn_like(p), alpha=0.05)
+    lengths = torch.randint(1, 201, (16,), device="cuda")
+    lengths[0] = 200
+    packing = ssd.Packing.of(lengths, 200, size=int(lengths.sum()) + 100)
+    real = packing.seq_idx.flatten() < 16
+    u = torch.randn(16, 200, hidden, device="cuda", requires_grad=True)
+    tau = torch.randn(16, block.nheads, 200, device="cuda", requires_grad=True) if is_time else None
+
+    def padded(u, tau):
+        out, tau_next = block(u, tau)
+        out = ssd.at_positions(out, lengths - 1) if with_at else packing.pack(out)[:, real]
+        return out, tau_next
+
+    def packed(u, tau):
+        out, tau_next = block(packing.pack(u), tau, packing.last if with_at else None, packing)
+        return (out if with_at else out[:, real]), tau_next
+
+    block.fused = False
+    padded_out, padded_grads = block_outputs_and_grads(block, u, tau, padded)
+    block.fused = fused
+    packed_out, packed_grads = block_outputs_and_grads(block, u, tau, packed)
+    # The two layouts put other steps in each chunk of mamba-ssm's scan, which multiplies in
+    # TF32: the rounding differs, as against the float64 reference (test above).
+    errors = {"out": rel_err(packed_out, padded_out)}
+    errors.update({name: rel_err(packed_grads[name], padded_grads[name])
+                   for name in padded_grads})
+    print(errors)
+    assert packed_grads.keys() == padded_grads.keys()
+    assert all(err < 5e-3 for err in errors.values()), errors
