@@ -70,7 +70,7 @@ class PackedSize(NamedTuple):
 
     def fixed(self, model=None):
         """A context in which ``model`` (default: this one; or a copy of it) packs at ``size``."""
-        return (model or self.model).fixed_pack_size(self.size)
+        return (self.model if model is None else model).fixed_pack_size(self.size)
 
 
 def packed_size(model, train_data, batch_size: int) -> PackedSize | None:
