@@ -370,13 +370,17 @@ class TiM4Rec(ItemScoring, SequentialRecommender):
         padded batch: without ``skip_padding``; on a GPU outside :meth:`fixed_pack_size` (the
         packing's size would be read from the GPU, and the host would wait for it); on the CPU,
         where more than ``CPU_PACK_BELOW`` of the batch's positions are real."""
-        if not self.skip_padding or (self.pack_size is None and item_seq_len.is_cuda):
+        if not self.skip_padding:
             return None
-        if self.pack_size is None and (int(item_seq_len.sum())
-                                       > self.CPU_PACK_BELOW * item_seq_len.numel() * seqlen):
-            return None  # on the CPU, a batch that is mostly real runs faster padded
+        size = self.pack_size
+        if size is None:  # exactly as many slots as real positions, read on the host
+            if item_seq_len.is_cuda:
+                return None
+            size = int(item_seq_len.sum())
+            if size > self.CPU_PACK_BELOW * item_seq_len.numel() * seqlen:
+                return None  # on the CPU, a batch that is mostly real runs faster padded
         row_slots = Packing.row_slots_for(uses_triton(self.ssd_backend, item_seq_len), seqlen)
-        return Packing.of(item_seq_len, seqlen, self.pack_size, row_slots)
+        return Packing.of(item_seq_len, seqlen, size, row_slots)
 
     def forward(self, item_seq, item_seq_len, timestamps=None):
         packing = self.packing(item_seq_len, item_seq.shape[1])
@@ -389,8 +393,8 @@ class TiM4Rec(ItemScoring, SequentialRecommender):
     def pack_size_for(self, lengths, batch_size: int) -> int | None:
         """Slots for packing any batch of ``batch_size`` sequences drawn from those of ``lengths``
         [N] (the training samples'), or None where the model does not pack: their mean total
-        plus 4 standard deviations (exceeded by about 1 batch in 30,000), in steps of 256, at most
-        ``batch_size * MAX_ITEM_LIST_LENGTH``."""
+        plus 4 standard deviations (a normal total exceeds it once in about 30,000 batches), in
+        steps of 256, at most ``batch_size * MAX_ITEM_LIST_LENGTH``."""
         if not self.skip_padding or len(lengths) == 0:
             return None
         lengths = lengths.double()

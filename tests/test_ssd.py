@@ -141,7 +141,7 @@ def test_packing_lays_real_positions_end_to_end_in_rows():
     assert packing.last.tolist() == [2, 3, 7]
     x = torch.arange(15.0).view(3, 5)
     assert packing.pack(x).tolist() == [[0, 1, 2, 5, 10, 11, 12, 13] + [0] * 6]
-    exact = ssd.Packing.of(lengths, seqlen=5)  # 8 slots, and 4 for a sequence that runs over
+    exact = ssd.Packing.of(lengths, seqlen=5, size=8)  # 8 slots, and 4 for one that runs over
     assert exact.rows.tolist() == packing.rows[:12].tolist() and exact.seq_idx.shape == (1, 12)
 
     # two rows of 5 nominal slots: the second sequence starts in row 0 and runs into its extra
