@@ -132,6 +132,63 @@ def resolve_backend(requested: str, device: torch.device | str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+# Mixed precision
+# --------------------------------------------------------------------------------------------------
+
+
+def product_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype of the matrix products that take ``t`` here: autocast's where autocast is on for
+    t's device (bfloat16 with ``enable_amp``), else t's own."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
+
+
+def without_autocast(fn):
+    """``fn`` run with autocast off on the device of its first tensor argument: it computes in
+    the dtypes of its operands (those it casts them to), whatever the products around it run in."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        first = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        with torch.autocast(first.device.type, enabled=False):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+def amp_forward(forward):
+    """An autograd Function's forward, in place of ``torch.amp.custom_fwd`` (which serves one device
+    type), on any device: its first input fixes the device; ``ctx.dtype`` is the dtype of its
+    matrix products there (:func:`product_dtype`), and it runs with autocast off, casting its
+    operands to that dtype itself. Backward, decorated with :func:`amp_backward`, runs so too.
+    The CPU tests under CPU autocast then see the casts a GPU makes under CUDA autocast."""
+
+    @functools.wraps(forward)
+    def run(ctx, first, *args):
+        ctx.device_type, ctx.dtype = first.device.type, product_dtype(first)
+        with torch.autocast(ctx.device_type, enabled=False):
+            return forward(ctx, first, *args)
+
+    return run
+
+
+def amp_backward(backward):
+    """An autograd Function's backward, with autocast off as in its :func:`amp_forward`."""
+
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        with torch.autocast(ctx.device_type, enabled=False):
+            return backward(ctx, *grads)
+
+    return run
+
+
+def cast(dtype: torch.dtype, *tensors) -> tuple:
+    """Each of ``tensors`` (None stays None) in ``dtype``."""
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
+# --------------------------------------------------------------------------------------------------
 # The scan
 # --------------------------------------------------------------------------------------------------
 
@@ -163,6 +220,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+@without_autocast  # its products in the compute dtype, under autocast too
 def ssd_recurrence(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
                    dt_limit=(0.0, float("inf")), seq_idx=None):
     """The SSD scan by its definition, one step at a time (reference; any shapes of chunk_scan).
@@ -189,6 +247,7 @@ def ssd_recurrence(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Fal
     return y.to(out_dtype)
 
 
+@without_autocast  # its products (and so its states) in the compute dtype, under autocast too
 def chunk_scan_torch(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
                      dt_limit=(0.0, float("inf")), seq_idx=None):
     """The exact chunked SSD algorithm in PyTorch (mamba-ssm's ``mamba_chunk_scan_combined`` contract).
@@ -207,6 +266,9 @@ def chunk_scan_torch(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, d
     inside a chunk, ``L[t, s] = 0`` across sequences; a chunk's state holds only the steps of the
     sequence it ends in, and is passed on only to a chunk that ends in the same one; a step reads
     the entering state only if it belongs to the sequence the previous chunk ended in.
+
+    Half-precision inputs (bfloat16 under autocast) are computed in float32: the step sizes,
+    their softplus and decays, every product and every state; y comes out in x's dtype.
     """
     out_dtype, cdt = x.dtype, _compute_dtype(x)
     batch, seqlen, nheads, headdim = x.shape
@@ -449,9 +511,11 @@ def torch_block_kernels() -> BlockKernels:
         return dy, dweight, out.detach()
 
     def conv(x, weight, bias, activation, seq_idx=None):  # [B L C] -> [B L C]
+        # in the weights' dtype at least, out in x's: as the Triton kernel, for bfloat16 x too
         act = F.hardswish if activation == "hardswish" else F.silu
-        out = causal_conv1d(x.transpose(1, 2), weight, bias, seq_idx)
-        return act(out).transpose(1, 2).contiguous()
+        dtype = torch.promote_types(x.dtype, weight.dtype)
+        out = causal_conv1d(x.transpose(1, 2).to(dtype), *cast(dtype, weight, bias), seq_idx)
+        return act(out).transpose(1, 2).to(x.dtype).contiguous()
 
     def conv_bwd(x, weight, bias, dout, activation, dx, seq_idx):
         with torch.enable_grad():
@@ -579,18 +643,28 @@ class FusedSSDBlock(torch.autograd.Function):
     With ``at``, z's part of in_proj, the gated norm and out_proj run at those positions only
     (nothing else reads the block's output), and the node keeps the scan's output there only; the
     scan itself still runs over every position, whose states the wanted ones need.
+
+    Under autocast (bfloat16), in_proj and out_proj multiply in bfloat16, and what they write (z,
+    x, B, C, dt, the output) is bfloat16, as is what the convolution, the scan and the norm write
+    from it; each of those computes in float32 inside (the scan's step sizes, decays and states;
+    the norm's statistics). The step sizes times the time gate (float32) are float32. The node
+    keeps the block's input in bfloat16; the gradients of u, the gate and the weights come back
+    in their own dtypes (float32).
     """
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
+    @amp_forward
     def forward(ctx, u, in_weight, in_bias, gate, conv_weight, conv_bias, A, D, dt_bias,
                 norm_weight, out_weight, out_bias, at, seq_idx, block, kernels):
         batch, seqlen, _ = u.shape
         E = block.d_inner
+        ctx.u_dtype = u.dtype
+        u = u.to(ctx.dtype)  # [B L D], as the products take it (and as it is kept)
+        w_in, b_in, w_out, b_out = cast(ctx.dtype, in_weight, in_bias, out_weight, out_bias)
         if at is None:
-            z, xBC, dt = block.split_projection(F.linear(u, in_weight, in_bias))
+            z, xBC, dt = block.split_projection(F.linear(u, w_in, b_in))
         else:
-            (w_z, b_z), (w_rest, b_rest) = _in_proj_parts(in_weight, in_bias, E)
+            (w_z, b_z), (w_rest, b_rest) = _in_proj_parts(w_in, b_in, E)
             z = F.linear(at_positions(u, at), w_z, b_z)  # [B E]
             xBC, dt = torch.split(F.linear(u, w_rest, b_rest), [E + 2 * block.d_state,
                                                                  block.nheads], dim=-1)
@@ -605,28 +679,29 @@ class FusedSSDBlock(torch.autograd.Function):
         ctx.save_for_backward(u, in_weight, in_bias, gate, conv_weight, conv_bias, A, D, dt_bias,
                               norm_weight, out_weight, y, rstd, at, seq_idx)
         ctx.block, ctx.kernels, ctx.has_out_bias = block, kernels, out_bias is not None
-        out = F.linear(normed, out_weight, out_bias)  # [T D] or [B D]
+        out = F.linear(normed, w_out, b_out)  # [T D] or [B D]
         return out.view(batch, seqlen, -1) if at is None else out
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
+    @amp_backward
     def backward(ctx, dout):  # [B L D], or [B D] with at
         (u, in_weight, in_bias, gate, conv_weight, conv_bias, A, D, dt_bias, norm_weight,
          out_weight, y, rstd, at, seq_idx) = ctx.saved_tensors
         block, kernels = ctx.block, ctx.kernels
         E = block.d_inner
+        w_in, b_in, w_out = cast(ctx.dtype, in_weight, in_bias, out_weight)
         u2 = u.reshape(-1, u.shape[-1])  # [T D]
         u_out = u2 if at is None else at_positions(u, at)  # where the output is: [T D] or [B D]
         # in_proj again in two parts, z and the rest, so that z and its gradient are gone before
         # the scan's backward (where the memory peaks)
-        (w_z, b_z), (w_rest, b_rest) = _in_proj_parts(in_weight, in_bias, E)
+        (w_z, b_z), (w_rest, b_rest) = _in_proj_parts(w_in, b_in, E)
 
         # out_proj, the gated norm (its output computed again, for out_proj's weight), z's part of
         # in_proj
-        dout = dout.reshape(-1, dout.shape[-1])  # [T D] or [B D]
+        dout = dout.to(ctx.dtype).reshape(-1, dout.shape[-1])  # [T D] or [B D]
         z = F.linear(u_out, w_z, b_z)  # [T E] or [B E]
         dz = torch.empty_like(z)
-        dy, dnorm_weight, normed = kernels.norm_bwd(dout @ out_weight, y, z, norm_weight,
+        dy, dnorm_weight, normed = kernels.norm_bwd(dout @ w_out, y, z, norm_weight,
                                                     block.norm.eps, rstd, dz)
         del z
         dout_weight = dout.t() @ normed
@@ -647,7 +722,8 @@ class FusedSSDBlock(torch.autograd.Function):
             dxBCdt = torch.empty_like(xBCdt)
             dt, ddt = dt_in, in_rows(dxBCdt, seq_idx)[..., sizes[0]:]
         else:  # into a tensor of its own: in_proj's comes after the scan's backward (the peak)
-            dt, ddt = dt_in * in_rows(gate, seq_idx), torch.empty_like(dt_in)
+            dt = dt_in * in_rows(gate, seq_idx)
+            ddt = torch.empty_like(dt)  # in the gated steps' dtype (float32 under autocast)
         conv_out = kernels.conv_fwd(xBC, conv_weight, conv_bias, block.conv_activation, seq_idx)
         dconv_out = torch.empty_like(conv_out)  # [B L E+2N]
         dx, dB, dC = block.split_conv_output(dconv_out)
@@ -673,6 +749,9 @@ class FusedSSDBlock(torch.autograd.Function):
             du = add_at_positions((dxBCdt @ w_rest).view_as(u), at, du_out)
         din_weight = torch.cat([din_weight_z, dxBCdt.t() @ u2])
         din_bias = None if in_bias is None else torch.cat([din_bias_z, column_sums(dxBCdt)])
+        # the products' gradients in their inputs' and parameters' dtypes (a no-op without amp)
+        du, din_weight, din_bias = du.to(ctx.u_dtype), *cast(in_weight.dtype, din_weight, din_bias)
+        dout_weight, dout_bias = cast(out_weight.dtype, dout_weight, dout_bias)
         return (du, din_weight, din_bias, dgate, dconv_weight, dconv_bias, dA, dD, ddt_bias,
                 dnorm_weight, dout_weight, dout_bias, None, None, None, None)
 
@@ -772,6 +851,10 @@ class TimeAwareSSD(nn.Module):
 
     With ``is_time=False, conv_activation="silu", bias=False`` this is mamba-ssm's ``Mamba2`` mixer
     with its defaults (one B/C group, projections without bias), as SSD4Rec uses it.
+
+    Under autocast (bfloat16), in_proj and out_proj multiply in bfloat16; the convolution, the scan
+    and the gated norm take and give bfloat16 and compute in float32 inside; the time branch runs
+    in float32 (see :class:`FusedSSDBlock` and the NOTE of :class:`tim4rec.TiM4Rec`).
     """
 
     def __init__(self, d_model: int, max_seq_length: int, d_state: int = 32, d_conv: int = 4,
@@ -858,13 +941,16 @@ class TimeAwareSSD(nn.Module):
 
     def convolve(self, xBC, seq_idx=None):  # [B L E+2N] -> [B L E+2N]
         """The causal depthwise convolution over the sequence (each of ``seq_idx``'s on its own),
-        then the activation."""
-        xBC = xBC.transpose(1, 2)  # [B E+2N L]
-        if seq_idx is not None:
-            xBC = causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias, seq_idx)
-        else:
-            xBC = self.conv1d(xBC)
-        return self.activation(xBC.transpose(1, 2))
+        then the activation: computed in the weights' dtype at least, returned in xBC's (as the
+        Triton kernel does: under autocast, from bfloat16 to bfloat16 through float32)."""
+        dtype = torch.promote_types(xBC.dtype, self.conv1d.weight.dtype)
+        with torch.autocast(xBC.device.type, enabled=False):
+            x = xBC.transpose(1, 2).to(dtype)  # [B E+2N L]
+            if seq_idx is not None:
+                x = causal_conv1d(x, self.conv1d.weight, self.conv1d.bias, seq_idx)
+            else:
+                x = self.conv1d(x)
+            return self.activation(x.transpose(1, 2)).to(xBC.dtype)
 
     def split_projection(self, zxbcdt):  # [B L 2E+2N+H] -> z [B L E], xBC [B L E+2N], dt [B L H]
         return torch.split(zxbcdt, [self.d_inner, self.d_inner + 2 * self.d_state, self.nheads],
@@ -874,6 +960,7 @@ class TimeAwareSSD(nn.Module):
         x, B, C = torch.split(xBC, [self.d_inner, self.d_state, self.d_state], dim=-1)
         return x.unflatten(-1, (self.nheads, self.head_dim)), B.unsqueeze(2), C.unsqueeze(2)
 
+    @without_autocast  # the time branch stays in the weights' dtype (float32) under autocast
     def time_step_gate(self, tau, conv: Callable | None = None):
         """``g = Hardswish(conv2(Hardswish(conv1(tau * MLP(tau)))))`` [B H L]: the step sizes'
         factor.
@@ -896,6 +983,7 @@ class TimeAwareSSD(nn.Module):
         g = g.transpose(1, 2)
         return g if packing is None else packing.pack(g)
 
+    @without_autocast
     def next_time_signal(self, tau, g):
         """Gated residual mix of this layer's time signal and its gate, normalised over the sequence."""
         r = self.time_gate_residual(tau)  # [B H L] or [B H 1]

@@ -21,9 +21,12 @@ import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 
+from pipeline import ROOT, compat
 from pipeline.scoring import ItemScoring
-from ssd import Packing, TimeAwareSSD, at_positions, column_sums, resolve_backend, uses_triton
+from ssd import (Packing, TimeAwareSSD, amp_backward, amp_forward, at_positions, cast,
+                 column_sums, resolve_backend, uses_triton, without_autocast)
 
+compat.apply()  # RecBole 1.2.1 on numpy 2 and pandas 3, in RecBole's own flow too (its docstring)
 logger = logging.getLogger(__name__)
 
 # Submodules that exist only with is_time; an upstream checkpoint may carry them either way.
@@ -83,32 +86,41 @@ class _InnerFFN(torch.autograd.Function):
     (or nothing, with ``recompute``: fc1 runs again in backward) and what draws the dropout mask
     again (the mask, or its seed), where autograd would keep fc1's output, the mask and fc2's
     input. The same products and mask: the gradients are those of the plain modules.
+
+    Under autocast (bfloat16), fc1 and fc2 multiply in bfloat16, the hidden layer is bfloat16
+    (its activation and dropout computed in float32 by the Triton kernel), and so is what the
+    node keeps of h; the gradients of h and of the weights come back in their dtypes (float32).
     """
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")  # backward then runs in forward's autocast state
+    @amp_forward
     def forward(ctx, h, w1, b1, w2, b2, p: float, recompute: bool, kernels: FFNKernels):
-        pre = F.linear(h, w1, b1)  # [.. 4D]
+        ctx.h_dtype = h.dtype
+        h = h.to(ctx.dtype)  # as the products take it (and as it is kept)
+        pre = F.linear(h, *cast(ctx.dtype, w1, b1))  # [.. 4D]
         hidden, state = kernels.fwd(pre, p)
         ctx.p, ctx.kernels = p, kernels
         ctx.save_for_backward(h, w1, b1, w2, state, None if recompute else pre)
-        return F.linear(hidden, w2, b2)
+        return F.linear(hidden, *cast(ctx.dtype, w2, b2))
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
+    @amp_backward
     def backward(ctx, grad_out):  # [.. D]
         h, w1, b1, w2, state, pre = ctx.saved_tensors
+        w1_, b1_, w2_ = cast(ctx.dtype, w1, b1, w2)
         if pre is None:
-            pre = F.linear(h, w1, b1)  # [.. 4D]
-        grad_pre, hidden = ctx.kernels.bwd(grad_out @ w2, pre, ctx.p, state)
+            pre = F.linear(h, w1_, b1_)  # [.. 4D]
+        grad_out = grad_out.to(ctx.dtype)
+        grad_pre, hidden = ctx.kernels.bwd(grad_out @ w2_, pre, ctx.p, state)
         del pre
         grad_out2 = grad_out.reshape(-1, grad_out.shape[-1])  # [T D]
         grad_w2 = grad_out2.t() @ hidden.reshape(-1, hidden.shape[-1])
         del hidden
         grad_pre2 = grad_pre.reshape(-1, grad_pre.shape[-1])  # [T 4D]
         grad_w1 = grad_pre2.t() @ h.reshape(-1, h.shape[-1])
-        return (grad_pre @ w1, grad_w1, column_sums(grad_pre2), grad_w2, column_sums(grad_out2),
-                None, None, None)
+        # in the dtypes of h and of the parameters (a no-op without amp)
+        return ((grad_pre @ w1_).to(ctx.h_dtype), *cast(w1.dtype, grad_w1, column_sums(grad_pre2)),
+                *cast(w2.dtype, grad_w2, column_sums(grad_out2)), None, None, None)
 
 
 def dropout_add_layer_norm(x, residual, dropout: nn.Dropout, norm: nn.LayerNorm, fused: bool):
@@ -117,14 +129,19 @@ def dropout_add_layer_norm(x, residual, dropout: nn.Dropout, norm: nn.LayerNorm,
     ``fused`` (CUDA): as one Triton kernel forward and one backward (:mod:`kernels.add_norm`),
     which keeps the sum and a seed for backward rather than the mask. The same values and
     gradients; its dropout masks follow nn.Dropout's distribution with other draws.
+
+    The dropout, the sum and the LayerNorm run in the norm's dtype at least, and so does the
+    result: under autocast, float32 from a bfloat16 ``x`` (the output of a product).
     """
     if fused:
         from kernels.add_norm import dropout_add_norm
 
         return dropout_add_norm(x, residual, norm.weight, norm.bias, norm.eps,
                                 dropout.p if dropout.training else 0.0)
-    out = dropout(x)
-    return norm(out if residual is None else out + residual)
+    dtype = torch.promote_types(x.dtype, norm.weight.dtype)
+    with torch.autocast(x.device.type, enabled=False):  # CPU autocast would keep bfloat16
+        out = dropout(x.to(dtype))
+        return norm(out if residual is None else out + residual)
 
 
 class _ItemLookup(torch.autograd.Function):
@@ -135,7 +152,7 @@ class _ItemLookup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, indices, weight, padding_idx):
         ctx.save_for_backward(indices)
-        ctx.num_rows, ctx.padding_idx = weight.shape[0], padding_idx
+        ctx.num_rows, ctx.padding_idx, ctx.dtype = weight.shape[0], padding_idx, weight.dtype
         return F.embedding(indices, weight, padding_idx)
 
     @staticmethod
@@ -143,7 +160,7 @@ class _ItemLookup(torch.autograd.Function):
         from kernels.embedding_grad import embedding_grad
 
         (indices,) = ctx.saved_tensors
-        return None, embedding_grad(indices, grad, ctx.num_rows, ctx.padding_idx), None
+        return None, embedding_grad(indices, grad, ctx.num_rows, ctx.padding_idx, ctx.dtype), None
 
 
 def embedding_lookup(embedding: nn.Embedding, indices, fused: bool):
@@ -268,7 +285,30 @@ class TiM4Rec(ItemScoring, SequentialRecommender):
         atomic additions (:mod:`kernels.embedding_grad`), in an order that varies from run to run
         (PyTorch's sums under ``torch.use_deterministic_algorithms``). ``fused: False`` uses
         nn.Dropout and PyTorch's embedding.
+
+        Mixed precision (``enable_amp: True``, :mod:`pipeline.precision`; off by default): the
+        training step's forward runs under bfloat16 autocast, and the weights, their gradients
+        and Adam stay float32, on every path (PyTorch, fused Triton, the captured CUDA graph).
+
+        - bfloat16: the products of in_proj, out_proj, the FFN's fc1 and fc2 and the item scores,
+          and what they write and the next step reads: z, x, B, C, dt, the scan's output, the
+          gated norm's output, the FFN's hidden layer, the block's and the FFN's outputs.
+        - float32, where rounding to 8 bits would hurt: the embeddings and the residual stream
+          (each dropout + residual + LayerNorm takes a product's bfloat16 output, sums and
+          normalises in float32, and gives float32); the whole time branch (the gap at the first
+          padded slot is about -1e9 s, and the LayerNorm over L must still tell apart real gaps
+          thousands of times smaller; then the scale MLP, the convolutions, the gate, the next
+          layer's signal); the step sizes times the time gate;
+          inside the scan, dt + dt_bias, its softplus, the decays exp(A dt), their cumulative sums
+          and the states (the PyTorch scan computes all of it in float32 from the bfloat16 x, B
+          and C; mamba-ssm's kernel multiplies them on bfloat16 tensor cores with float32 sums,
+          and up to its version 2.3.2 hands the states from chunk to chunk in bfloat16); the
+          x/B/C convolution and its activation, the gated norm's statistics and the FFN's
+          Hardswish + dropout, each computed in float32 and rounded once; the cross-entropy over
+          the item scores. Evaluation runs without autocast, in float32.
     """
+
+    defaults_file = ROOT / "config" / "model" / "TiM4Rec.yaml"  # any setting a Config lacks
 
     # On the CPU, a batch is packed where at most this share of its positions is real: above
     # it, the padded batch's faster convolution and one-chunk scan win (on two cores, packed
@@ -341,6 +381,7 @@ class TiM4Rec(ItemScoring, SequentialRecommender):
             if module.bias is not None:
                 module.bias.data.zero_()
 
+    @without_autocast  # in float32 under autocast: the gaps reach 1e9 s, bfloat16 keeps 3 digits
     def time_signal(self, timestamps, item_seq_len):
         """``tau = LayerNorm_L(Dropout(d))`` repeated over heads [B H L], from the times [B L]."""
         gaps = torch.diff(timestamps.float(), dim=1, prepend=timestamps[:, :1].float())  # [B L]

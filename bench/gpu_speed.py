@@ -18,8 +18,10 @@ Each setting runs in its own process, on one real batch and the real data loader
   every position`` (``last_position_only: False``: the last layer's position-wise part at every
   position, not only the scored one), ``graph, padded`` (``skip_padding: False``: every position
   of the padded batch, not only the real ones), ``graph, chunk 64`` (the scan in chunks of 64
-  steps: the same function, other kernel shapes) and ``graph, TF32`` (opt-in: changes float32
-  results). The control is SASRec (the paper's settings: 8 heads) ``eager + anomaly``: RecBole
+  steps: the same function, other kernel shapes), ``graph, TF32`` (opt-in: changes float32
+  results) and ``graph, bf16`` (``enable_amp``: the forward under bfloat16 autocast, as the
+  trainer runs it; SASRec has this row too, and the tables give each model's bf16 step over its
+  float32 one). The control is SASRec (the paper's settings: 8 heads) ``eager + anomaly``: RecBole
   turns on autograd anomaly detection for the whole process when its model package is imported
   (SINE's module does it), so that is how RecBole runs SASRec; this project turns it off
   (:mod:`pipeline.compat`), and ``eager`` without it is shown too. A graph packs the batch's real
@@ -167,12 +169,14 @@ def median_cuda_ms(run, calls: int = 20, warmup: int = 0) -> float:
 
 
 def time_steps(model, batch, graph: bool, anomaly: bool, steps=20, warmup=5,
-               profile_kernels=False, train_data=None) -> dict:
+               profile_kernels=False, train_data=None, amp=False) -> dict:
     """First step (s), median step (ms) and peak memory (GB) of zero_grad, loss, backward, Adam;
     with ``profile_kernels``, the GPU time per step of each kind of kernel too. A graph packs the
-    batch's real positions as the trainer's does, into slots fixed from ``train_data``."""
+    batch's real positions as the trainer's does, into slots fixed from ``train_data``. ``amp``:
+    the forward under bfloat16 autocast, as the trainer runs it with ``enable_amp``."""
     import torch
 
+    from pipeline import precision
     from pipeline.cuda_graph import WARMUP_STEPS, GraphedStep, packed_size
 
     model.train()
@@ -183,11 +187,14 @@ def time_steps(model, batch, graph: bool, anomaly: bool, steps=20, warmup=5,
             raise RuntimeError(f"the timed batch does not fit {packed.size} slots")
         step = GraphedStep(model.calculate_loss, optimizer, len(batch), packed=packed)
         def run():
-            return step(batch)
+            with precision.autocast("cuda", amp):
+                return step(batch)
     else:
         def run():
             optimizer.zero_grad(set_to_none=True)
-            model.calculate_loss(batch).backward()
+            with precision.autocast("cuda", amp):
+                loss = model.calculate_loss(batch)
+            loss.backward()
             optimizer.step()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -269,13 +276,15 @@ def child(setting: str, data_path: str, quick: bool, profile: bool, models=MODEL
         variants = [("eager", False, False, {}), ("graph", True, False, {})]
         if name == "SASRec":
             variants.insert(0, ("eager + anomaly", False, True, {}))
+            variants.append(("graph, bf16", True, False, {"enable_amp": True}))
         if name == "TiM4Rec":  # what each of its step's settings changes
             variants += [("graph, recompute", True, False, {"recompute": True}),
                          ("graph, unfused", True, False, {"fused": False}),
                          ("graph, every position", True, False, {"last_position_only": False}),
                          ("graph, padded", True, False, {"skip_padding": False}),
                          ("graph, chunk 64", True, False, {"chunk_size": 64}),
-                         ("graph, TF32", True, False, {"enable_tf32": True})]
+                         ("graph, TF32", True, False, {"enable_tf32": True}),
+                         ("graph, bf16", True, False, {"enable_amp": True})]
         for label, graph, anomaly, changes in [v for v in variants if v[0] not in skip]:
             saved = {key: model_config[key] for key in changes}
             for key, value in changes.items():  # for this row only
@@ -285,7 +294,9 @@ def child(setting: str, data_path: str, quick: bool, profile: bool, models=MODEL
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
             try:
                 row = time_steps(model, batch, graph, anomaly, train_data=train_data,
-                                 profile_kernels=profile and name == "TiM4Rec" and label == "graph")
+                                 profile_kernels=(profile and name == "TiM4Rec"
+                                                  and label in ("graph", "graph, bf16")),
+                                 amp=bool(model_config["enable_amp"]))
             except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
                 row = {"error": " ".join(str(error).split())[:200]}
             # --quick: TiM4Rec's epoch only (the one the epoch bar is about).
@@ -448,6 +459,14 @@ def markdown(results: list[dict]) -> str:
                 f"| {r['setting']} | {name} | {path} | {row['first_s']:.1f} | {row['step_ms']:.1f} | "
                 f"{row['step_ms'] / control:.2f} | {row['step_ms'] / fl:.1f} | {row['peak_gb']:.2f} | "
                 f"{epoch} | {budget:.1f} | {row.get('eval_s', float('nan')):.1f} |")
+    ratios = []
+    for r in results:
+        for name in ("TiM4Rec", "SASRec"):
+            plain, bf16 = (r["rows"].get(f"{name} {path}", {}) for path in ("graph", "graph, bf16"))
+            if "step_ms" in plain and "step_ms" in bf16:
+                ratios.append(f"({r['setting']}) {name} {bf16['step_ms'] / plain['step_ms']:.2f}")
+    if ratios:
+        lines += ["", "bf16 step / float32 step (graph rows, same call): " + ", ".join(ratios)]
     lines += ["", ("| setting | batch x L, D | items | batches | loading s | GFLOP | GB moved |"
                    " FLOPs ms | bytes ms | bound | TiM4Rec graph / floor | first step s (cold, warm"
                    "; cold one by one; no shipped choices) |"), "|" + "---|" * 12]
@@ -462,13 +481,14 @@ def markdown(results: list[dict]) -> str:
                      f"{r['n_items']:,} | {r['batches']} | {r['loading_s']:.1f} | {f['gflop']:.0f} | "
                      f"{f['gb']:.2f} | {f['flops_ms']:.2f} | {f['bytes_ms']:.2f} | {f['bound']} | "
                      f"{ratio} | {firsts} |")
-    profiled = [r for r in results if "kernel_ms" in r["rows"].get("TiM4Rec graph", {})]
-    if profiled:
-        lines += ["", "TiM4Rec graph step, GPU ms per step by kind of kernel:"]
+    for label in ("TiM4Rec graph", "TiM4Rec graph, bf16"):
+        profiled = [r for r in results if "kernel_ms" in r["rows"].get(label, {})]
+        if profiled:
+            lines += ["", f"{label} step, GPU ms per step by kind of kernel:"]
         for r in profiled:
-            kinds = r["rows"]["TiM4Rec graph"]["kernel_ms"]
+            kinds = r["rows"][label]["kernel_ms"]
             lines.append(f"- ({r['setting']}) " + ", ".join(f"{k} {v:.1f}" for k, v in kinds.items()))
-            top = r["rows"]["TiM4Rec graph"].get("top_kernels_ms", {})
+            top = r["rows"][label].get("top_kernels_ms", {})
             lines.append("  longest kernels: " + "; ".join(f"{k} {v:.2f}" for k, v in top.items()))
     return "\n".join(lines)
 
@@ -484,7 +504,8 @@ def main(argv=None) -> int:
     parser.add_argument("--skip", action="append", default=[], metavar="ROW",
                         help="leave out the rows labelled ROW, e.g. 'graph, chunk 64' (repeatable)")
     parser.add_argument("--profile", action="store_true",
-                        help="also break TiM4Rec's graph step down by kind of kernel (torch.profiler)")
+                        help="also break TiM4Rec's graph steps (float32, bf16) down by kind of "
+                             "kernel (torch.profiler)")
     parser.add_argument("--phase", choices=("all", "steps", "first"), default="all",
                         help="steps: everything but the first steps; first: only those")
     parser.add_argument("--report", type=Path, nargs="+", default=None,

@@ -10,8 +10,12 @@ for backward (the activation's input, the mask and fc2's input). Here:
   forward need keep only ``pre`` and the call's seed: the mask is drawn again from it
   (:mod:`kernels.dropout`).
 
+The kernels compute in float32 (float64 for float64) and write in the input's dtype: under
+autocast, bfloat16 in and out, rounded once.
+
 The reference is :func:`act_dropout_ref`; the tests hold both passes to it, with the mask of the
-call's seed, in float64 (Triton's interpreter, on the CPU) and in float32 on a GPU.
+call's seed, in float64 (Triton's interpreter, on the CPU), in float32 on a GPU, and with bfloat16
+inputs.
 """
 
 from __future__ import annotations

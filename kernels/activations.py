@@ -16,8 +16,8 @@ def act_fn(x, ACT: tl.constexpr):
 
 @triton.jit
 def act_grad(x, ACT: tl.constexpr):
-    if ACT == 0:  # PyTorch's hardswish_backward, boundaries included
-        return tl.where(x < -3.0, 0.0, tl.where(x <= 3.0, x / 3.0 + 0.5, 1.0))
+    if ACT == 0:  # PyTorch's hardswish_backward (since 2.7), boundaries included: 0 at -3, 1 at 3
+        return tl.where(x <= -3.0, 0.0, tl.where(x < 3.0, x / 3.0 + 0.5, 1.0))
     else:
         s = 1.0 / (1.0 + tl.exp(-x))
         return s * (1.0 + x * (1.0 - s))

@@ -13,8 +13,15 @@ kernels take a block of rows per program and pass over each tensor once:
 - backward writes the gradients of x and of the residual; those of the weight and the bias are
   summed per block of rows, then over blocks by PyTorch: no atomics, the same result on every run.
 
+Precision: the sum, the statistics and ``y`` are in the widest dtype of x, the residual and the
+weight, float32 at least, and so is what is kept for backward; x's gradient comes out in x's
+dtype and the residual's in its own. Under autocast, x is a product's bfloat16 output, and the
+residual stream and the LayerNorm stay float32, as autocast runs LayerNorm on a GPU; the kernels
+read x as it is (no float32 copy) and set the dtypes themselves, on any device.
+
 The reference is :func:`dropout_add_norm_ref`; the tests hold both passes to it, with the mask of
-the call's seed, in float64 (Triton's interpreter, on the CPU) and in float32 on a GPU.
+the call's seed, in float64 (Triton's interpreter, on the CPU) and in float32 on a GPU, and with a
+bfloat16 x.
 """
 
 from __future__ import annotations
@@ -93,13 +100,20 @@ def _blocks(rows: int, width: int) -> tuple[int, dict]:
                   "num_warps": min(16, max(4, block_n // 512))}
 
 
+def sum_dtype(x, residual, weight) -> torch.dtype:
+    """The dtype of the sum and of the output: the widest of the inputs', float32 at least."""
+    dtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
+    return dtype if residual is None else torch.promote_types(dtype, residual.dtype)
+
+
 def _forward(x, residual, weight, bias, eps: float, p: float, seed, keep_sum: bool):
     """Rows [M N] in; ``(y, s or None, mean, rstd)`` out."""
     rows, width = x.shape
     grid, constants = _blocks(rows, width)
-    tl_dtype, acc = accumulation_dtypes(x.dtype)
-    y = torch.empty_like(x)
-    s = torch.empty_like(x) if keep_sum else None
+    dtype = sum_dtype(x, residual, weight)
+    tl_dtype, acc = accumulation_dtypes(dtype)
+    y = torch.empty(x.shape, device=x.device, dtype=dtype)
+    s = torch.empty_like(y) if keep_sum else None
     mean = torch.empty(rows, device=x.device, dtype=acc)
     rstd = torch.empty(rows, device=x.device, dtype=acc)
     if rows:
@@ -111,26 +125,29 @@ def _forward(x, residual, weight, bias, eps: float, p: float, seed, keep_sum: bo
 
 
 class _DropoutAddNorm(torch.autograd.Function):
+    # No autocast decorators: the dtypes are the inputs' (see the module's docstring), under
+    # autocast or not, on any device.
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)  # as LayerNorm autocasts
     def forward(ctx, x, residual, weight, bias, eps: float, p: float):
         seed = draw_seed(x.device) if p > 0 else None
         y, s, mean, rstd = _forward(x, residual, weight, bias, eps, p, seed, keep_sum=True)
         ctx.save_for_backward(s, weight, mean, rstd, seed)
         ctx.p, ctx.has_residual = p, residual is not None
+        ctx.x_dtype, ctx.residual_dtype = x.dtype, None if residual is None else residual.dtype
         return y
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):  # [M N]
         s, weight, mean, rstd, seed = ctx.saved_tensors
         rows, width = s.shape
         grid, constants = _blocks(rows, width)
         tl_dtype, acc = accumulation_dtypes(s.dtype)
         dy = dy.contiguous()
-        dx = torch.empty_like(s)
-        # Without dropout, the residual's gradient is x's: one tensor for both.
-        dres = torch.empty_like(s) if ctx.has_residual and ctx.p > 0 else None
+        dx = torch.empty(s.shape, device=s.device, dtype=ctx.x_dtype)
+        # Without dropout, the residual's gradient is x's: one tensor for both (of one dtype).
+        dres = None
+        if ctx.has_residual and (ctx.p > 0 or ctx.residual_dtype != ctx.x_dtype):
+            dres = torch.empty(s.shape, device=s.device, dtype=ctx.residual_dtype)
         dw = torch.empty((grid, width), device=s.device, dtype=acc)
         db = torch.empty((grid, width), device=s.device, dtype=acc)
         if rows:
@@ -145,7 +162,8 @@ class _DropoutAddNorm(torch.autograd.Function):
 
 def dropout_add_norm(x, residual, weight, bias, eps: float, p: float):
     """``layer_norm(dropout(x, p) + residual)`` over the last axis (no residual when None);
-    ``x`` and ``residual`` [.. N], ``weight`` and ``bias`` [N]. ``p`` 0 is no dropout (evaluation)."""
+    ``x`` and ``residual`` [.. N], ``weight`` and ``bias`` [N]. ``p`` 0 is no dropout (evaluation).
+    The result is in :func:`sum_dtype` (float32 for a bfloat16 ``x`` and float32 weights)."""
     check_probability(p)
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual {tuple(residual.shape)} must be shaped like x {tuple(x.shape)}")

@@ -15,10 +15,14 @@ the [B L C] layout directly, with any row stride (in_proj's output is read in pl
   by the pass that computes the three others;
 - :func:`causal_conv_act_fn`: the two as one function for autograd.
 
+The kernels compute in float32 (float64 for float64 x) whatever the weights' dtype, and write x's
+dtype: under autocast, in_proj's bfloat16 output in, bfloat16 out, float32 weight and bias
+gradients.
+
 The reference is :func:`causal_conv_act_ref` (PyTorch, differentiated by autograd); the tests hold
-both kernels to it in float64 (Triton's interpreter, on the CPU) and in float32 on a GPU. Weight and
-bias gradients are summed per block of steps, then over blocks by PyTorch: no atomics, the same
-result on every run.
+both kernels to it in float64 (Triton's interpreter, on the CPU), in float32 on a GPU, and with
+bfloat16 x. Weight and bias gradients are summed per block of steps, then over blocks by PyTorch:
+no atomics, the same result on every run.
 """
 
 from __future__ import annotations

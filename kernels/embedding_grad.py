@@ -36,15 +36,18 @@ def _embedding_grad_kernel(IDX, G, DW, M, N, padding_idx, stride_g,
                   sem="relaxed")
 
 
-def embedding_grad(indices, grad, num_rows: int, padding_idx: int | None = None):
+def embedding_grad(indices, grad, num_rows: int, padding_idx: int | None = None,
+                   dtype: torch.dtype | None = None):
     """The gradient of a [num_rows N] table whose rows ``indices`` [..] were looked up, from their
-    gradient ``grad`` [.. N]: [num_rows N], zero at ``padding_idx``.
+    gradient ``grad`` [.. N]: [num_rows N], zero at ``padding_idx``, in ``dtype`` (the table's;
+    default: grad's).
 
-    Summed in float32 for a half-precision ``grad`` (then cast), as PyTorch does; in float64 for
-    float64.
+    Summed in float32 for a half-precision ``grad`` (a float32 table's gradient then keeps those
+    sums unrounded), in float64 for float64.
     """
+    dtype = grad.dtype if dtype is None else dtype
     if torch.are_deterministic_algorithms_enabled():
-        return embedding_grad_ref(indices, grad, num_rows, padding_idx)
+        return embedding_grad_ref(indices, grad, num_rows, padding_idx).to(dtype)
     width = grad.shape[-1]
     grid, block_m, block_n = row_blocks("embedding_grad", indices.numel(), width, BLOCK_ELEMENTS)
     if indices.shape != grad.shape[:-1]:
@@ -59,7 +62,7 @@ def embedding_grad(indices, grad, num_rows: int, padding_idx: int | None = None)
         _embedding_grad_kernel[(grid,)](
             indices, grad, out, indices.numel(), width, -1 if padding_idx is None else padding_idx,
             grad.stride(0), BLOCK_M=block_m, BLOCK_N=block_n)
-    return out.to(grad.dtype)
+    return out.to(dtype)
 
 
 def embedding_grad_ref(indices, grad, num_rows: int, padding_idx: int | None = None):

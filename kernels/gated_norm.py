@@ -11,8 +11,11 @@ per program and pass over each tensor once:
   gradient needs it, and :class:`ssd.FusedSSDBlock` does not keep it); the weight's gradient is
   summed per block of rows, then over blocks by PyTorch: no atomics.
 
+The statistics and the products are float32 (float64 for float64 rows); ``out`` and the gradients
+of y and z are in y's dtype (bfloat16 under autocast), the weight's in its own.
+
 The reference is :func:`ssd.gated_rmsnorm_ref`; the tests hold both passes to it in float64
-(Triton's interpreter, on the CPU) and in float32 on a GPU.
+(Triton's interpreter, on the CPU), in float32 on a GPU, and with bfloat16 rows.
 """
 
 from __future__ import annotations

@@ -31,10 +31,14 @@ DDP steps before the capture. Every rank sees batches of the same
 sizes (DistributedSampler pads the ranks to equal length), so all ranks replay, or all run eagerly,
 at the same step. The graph is released before the process group is destroyed.
 
+Mixed precision (``enable_amp``, :mod:`pipeline.precision`): a step called under autocast runs
+its forward in that autocast and its backward and optimizer outside it, eagerly and when captured
+(the captured forward casts the weights anew on each replay); a call under another autocast
+than the captured step's captures it again.
+
 ``cuda_graph: auto`` captures the step of the models in :data:`VERIFIED_MODELS` on one GPU and of
 those in :data:`VERIFIED_DISTRIBUTED_MODELS` on several; ``True`` captures any model's. Not used
-(the reason is logged once): with gradient clipping, mixed precision or an optimizer without
-``capturable``.
+(the reason is logged once): with gradient clipping or an optimizer without ``capturable``.
 """
 
 from __future__ import annotations
@@ -83,8 +87,8 @@ def packed_size(model, train_data, batch_size: int) -> PackedSize | None:
     return None if size is None else PackedSize(model, size)
 
 
-def reason_not_captured(setting, model: str, distributed: bool, optimizer, *, clip_grad_norm,
-                        amp: bool) -> str | None:
+def reason_not_captured(setting, model: str, distributed: bool, optimizer, *,
+                        clip_grad_norm) -> str | None:
     """Why a GPU run with ``cuda_graph: setting`` (auto, True, False) keeps the eager step, or None
     when its step is captured."""
     if setting is False:
@@ -93,15 +97,14 @@ def reason_not_captured(setting, model: str, distributed: bool, optimizer, *, cl
     if setting == "auto" and model not in checked:
         where = "with several GPUs" if distributed else "on one GPU"
         return f"cuda_graph auto is for {', '.join(checked)} {where}; True tries it here"
-    return unsupported_reason(optimizer, clip_grad_norm=clip_grad_norm, amp=amp)
+    return unsupported_reason(optimizer, clip_grad_norm=clip_grad_norm)
 
 
-def unsupported_reason(optimizer, *, clip_grad_norm, amp: bool) -> str | None:
-    """Why the training step cannot be captured here, or None."""
+def unsupported_reason(optimizer, *, clip_grad_norm) -> str | None:
+    """Why the training step cannot be captured here, or None. Mixed precision is no reason: the
+    step is captured inside its bfloat16 autocast (:class:`GraphedStep`)."""
     if clip_grad_norm:
         return "gradient clipping (clip_grad_norm) is on"
-    if amp:
-        return "mixed precision (enable_amp / enable_scaler) is on"
     if "capturable" not in optimizer.defaults:
         return f"optimizer {type(optimizer).__name__} has no capturable mode"
     return None
@@ -142,6 +145,10 @@ class GraphedStep:
     ``stream``: the side stream of the warm-up and the capture (a DDP module must have been built
     on it). ``packed``: the model packs batches into this many slots in the warm-up and the
     capture; a batch that does not fit runs eagerly.
+
+    Called under ``torch.autocast`` (the trainer's, with ``enable_amp``), the step runs its
+    forward in that autocast, and backward and the optimizer outside it, as PyTorch advises, and
+    a step captured under one autocast is captured again under another.
     """
 
     def __init__(self, loss_func, optimizer, batch_size: int | None = None,
@@ -158,6 +165,7 @@ class GraphedStep:
         self.static_batch = None
         self.static_loss = None
         self.captured_lrs = None
+        self.captured_autocast = None
         self.warm_steps = 0
         self.failed = None  # why capture failed, once it has
         self.packed = packed
@@ -166,12 +174,26 @@ class GraphedStep:
     def _lrs(self):
         return [group["lr"] for group in self.optimizer.param_groups]
 
-    def _eager(self, interaction):
+    def _autocast(self) -> tuple:
+        """The caller's autocast on the step's device: ``(enabled, dtype or None)``."""
+        kind = self.device.type
+        enabled = torch.is_autocast_enabled(kind)
+        return enabled, torch.get_autocast_dtype(kind) if enabled else None
+
+    def _forward(self, interaction, autocast: tuple):
+        """The loss under ``autocast`` (from :meth:`_autocast`). No cast is cached, so that in a
+        capture each cast of a weight is a kernel of the graph: a replay casts the weights as they
+        are then, not as a warm-up step found them."""
+        enabled, dtype = autocast
+        with torch.autocast(self.device.type, dtype=dtype, enabled=enabled, cache_enabled=False):
+            return self.loss_func(interaction)
+
+    def _eager(self, interaction, autocast: tuple):
         interaction = interaction.to(self.device)
         # Once captured, keep the gradient tensors: the graph's backward writes into them, so that
         # ``param.grad`` is always the last step's gradient, whichever way that step ran.
         self.optimizer.zero_grad(set_to_none=self.graph is None)
-        loss = self.loss_func(interaction)
+        loss = self._forward(interaction, autocast)
         loss.backward()
         self.optimizer.step()
         return loss.detach()
@@ -190,16 +212,16 @@ class GraphedStep:
         """The shapes of the captured step (see ``packed``)."""
         return self.packed.fixed() if self.packed else contextlib.nullcontext()
 
-    def _warm(self, interaction):
+    def _warm(self, interaction, autocast: tuple):
         # On the capture's side stream, as PyTorch asks of the steps that precede a capture.
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream), self._fixed():
-            loss = self._eager(interaction)
+            loss = self._eager(interaction, autocast)
         torch.cuda.current_stream().wait_stream(self.stream)
         self.warm_steps += 1
         return loss
 
-    def _capture(self, interaction):
+    def _capture(self, interaction, autocast: tuple):
         from recbole.data.interaction import Interaction
 
         self.static_batch = Interaction(
@@ -208,11 +230,11 @@ class GraphedStep:
         self.optimizer.zero_grad(set_to_none=True)  # gradients are then allocated by the graph
         torch.cuda.synchronize()
         with torch.cuda.graph(self.graph, stream=self.stream), self._fixed():
-            loss = self.loss_func(self.static_batch)
+            loss = self._forward(self.static_batch, autocast)
             loss.backward()
             self.optimizer.step()
         self.static_loss = loss.detach()
-        self.captured_lrs = self._lrs()
+        self.captured_lrs, self.captured_autocast = self._lrs(), autocast
         logger.info("training step captured as a CUDA graph (batch of %d)", self.batch_size)
 
     def release(self) -> None:
@@ -228,25 +250,31 @@ class GraphedStep:
         self.failed = self.failed or "released"
 
     def __call__(self, interaction):
+        autocast = self._autocast()
+        with torch.autocast(self.device.type, enabled=False):  # only the forward runs in it
+            return self._step(interaction, autocast)
+
+    def _step(self, interaction, autocast: tuple):
         if self.batch_size is None:
             self.batch_size = self._rows(interaction)
         if (self.failed or self._rows(interaction) != self.batch_size
                 or (self.packed and not self.packed.fits(interaction))):
-            return self._eager(interaction)
+            return self._eager(interaction, autocast)
         if self.graph is None and self.warm_steps < self.warmup:
-            return self._warm(interaction)
+            return self._warm(interaction, autocast)
         if self.graph is not None and (self._lrs() != self.captured_lrs
+                                       or autocast != self.captured_autocast
                                        or not self._matches(interaction)):
-            self.graph = None  # recapture for the new learning rate or batch layout
+            self.graph = None  # recapture for the new learning rate, autocast or batch layout
         if self.graph is None:
             try:
-                self._capture(interaction)
+                self._capture(interaction, autocast)
             except Exception as error:  # noqa: BLE001 - any capture failure means: train eagerly
                 self.graph = None
                 self.failed = " ".join(str(error).split())[:300] or type(error).__name__
                 logger.warning("CUDA graph capture failed (%s); training eagerly", self.failed)
                 torch.cuda.synchronize()
-                return self._eager(interaction)
+                return self._eager(interaction, autocast)
         for key, value in self.static_batch.interaction.items():
             source = interaction[key]
             value.copy_(source.pin_memory() if source.device.type == "cpu" else source,

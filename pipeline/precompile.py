@@ -184,7 +184,10 @@ def compile_step(model, interaction, amp: bool = False, workers: int | None = No
     model's device): forward and backward of its loss, and its full-sort scores in eval mode, so
     that the first validation finds its kernels too; with ``train`` False, the scores only (a run
     that only evaluates). ``train_inside(model)``: a context for the training part (the shapes
-    of a captured step, :class:`pipeline.cuda_graph.PackedSize`), or None.
+    of a captured step, :class:`pipeline.cuda_graph.PackedSize`), or None. ``amp``: the training
+    step's forward in bfloat16 autocast, as the trainer runs it with ``enable_amp``
+    (:mod:`pipeline.precision`); its kernels are compiled for those dtypes. Scoring runs without
+    autocast, as evaluation does.
 
     The dry pass runs on a copy of the model, which is then dropped: the model's gradients,
     buffers and mode stay as they were, and autograd hooks on its parameters (those of
@@ -192,16 +195,20 @@ def compile_step(model, interaction, amp: bool = False, workers: int | None = No
     """
     import torch
 
+    from pipeline import precision
+
     shadow = copy.deepcopy(model).train()
 
     def run():
         if train:
             inside = train_inside(shadow) if train_inside else contextlib.nullcontext()
-            with inside, torch.autocast(device_type="cuda", enabled=amp):
-                shadow.calculate_loss(interaction).backward()
+            with inside:
+                with precision.autocast("cuda", amp):
+                    loss = shadow.calculate_loss(interaction)
+                loss.backward()
         shadow.eval()
         try:
-            with torch.no_grad(), torch.autocast(device_type="cuda", enabled=amp):
+            with torch.no_grad():
                 shadow.full_sort_predict(interaction)
         except NotImplementedError:  # a model without full-sort scores
             pass

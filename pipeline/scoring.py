@@ -8,6 +8,8 @@ pieces this mixin gives RecBole's three entry points.
 
 from __future__ import annotations
 
+import torch
+
 
 class ItemScoring:
     """RecBole's ``calculate_loss``, ``predict`` and ``full_sort_predict`` from ``sequence_output``.
@@ -30,16 +32,23 @@ class ItemScoring:
         return scores if bias is None else scores + bias[items]
 
     def calculate_loss(self, interaction):
+        """The training loss; its scores in float32 at least (under autocast, the product with
+        every item's embedding runs in bfloat16, and the softmax over its output in float32)."""
         seq_output = self.sequence_output(interaction)
         positives = interaction[self.POS_ITEM_ID]
         if getattr(self, "loss_type", "CE") == "BPR":
             negatives = interaction[self.NEG_ITEM_ID]
-            return self.loss_fct(self.item_scores(seq_output, positives),
-                                 self.item_scores(seq_output, negatives))
-        return self.loss_fct(self.item_scores(seq_output), positives)
+            return self.loss_fct(at_least_float32(self.item_scores(seq_output, positives)),
+                                 at_least_float32(self.item_scores(seq_output, negatives)))
+        return self.loss_fct(at_least_float32(self.item_scores(seq_output)), positives)
 
     def predict(self, interaction):
         return self.item_scores(self.sequence_output(interaction), interaction[self.ITEM_ID])
 
     def full_sort_predict(self, interaction):
         return self.item_scores(self.sequence_output(interaction))
+
+
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 where it is in a half precision (float64 stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
