@@ -3,10 +3,13 @@
     python report.py [--runs log/] [--plots log/report/] [--dataset NAME] [--model NAME ...]
 
 Every training run writes its results beside its log (``log/<model>/<run>.json``). This reads them
-all, groups runs of one model on one dataset (several seeds show as mean ± standard deviation),
-prints one table per dataset (test Hit/NDCG/MRR at each cut-off, best epoch, training seconds per
-epoch, parameters), and draws per dataset the validation metric of every run by epoch and the
-training time per epoch of every model.
+all and groups like with like: runs of one model on one dataset whose settings differ only in the
+seed (and in where and how they ran: paths, GPU, progress bars) form a group, shown as mean ±
+standard deviation over its seeds (a single run without ±). Groups of one model that differ in some
+setting get a row each, with the settings that tell them apart; resumed runs are never grouped with
+runs trained from scratch, and are marked. It prints one table per dataset (test Hit/NDCG/MRR at
+each cut-off, best epoch, training seconds per epoch, parameters), and draws per dataset the
+validation metric of every run by epoch and the training time per epoch of every model.
 """
 
 from __future__ import annotations
@@ -34,6 +37,45 @@ def load_runs(folder: Path) -> list[dict]:
     return runs
 
 
+# Settings that say where and how a run ran, not what it computed: runs differing only in these
+# (and in the seed) are one group.
+NOT_SETTINGS = {"seed", "data_path", "checkpoint_dir", "log_dir", "tensorboard_dir",
+                "checkpoint_path", "gpu_id", "use_gpu", "show_progress", "state", "log_wandb",
+                "wandb_project", "compile_ahead", "eval_batch_size", "worker"}
+
+
+def settings_of(run: dict) -> dict | None:
+    """The run's settings that decide its results, or None for results written before runs
+    recorded their settings."""
+    if "config" not in run:
+        return None
+    return {k: v for k, v in run["config"].items() if k not in NOT_SETTINGS}
+
+
+def group_key(run: dict) -> tuple:
+    settings = settings_of(run)
+    frozen = None if settings is None else json.dumps(settings, sort_keys=True, default=str)
+    return run["model"], bool(run.get("resumed_from")), frozen
+
+
+def differences(groups: list[list[dict]]) -> list[str]:
+    """A label per group of one model: the settings whose values differ between the groups."""
+    settings = [settings_of(g[0]) for g in groups]
+    known = [s for s in settings if s is not None]
+    keys = sorted({k for s in known for k in s if len({json.dumps(x.get(k), default=str)
+                                                        for x in known}) > 1})
+    labels = []
+    for group, these in zip(groups, settings):
+        if these is None:
+            label = "settings not recorded"
+        else:
+            label = ", ".join(f"{k}={these.get(k)}" for k in keys)
+        if group[0].get("resumed_from"):
+            label = ", ".join(filter(None, ["resumed", label]))
+        labels.append(label)
+    return labels
+
+
 def mean_std(values: list[float], digits: int = 4) -> str:
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
@@ -46,27 +88,37 @@ def seconds_per_epoch(run: dict) -> float | None:
 
 
 def tables(runs: list[dict]) -> str:
-    """One Markdown table per dataset, one row per model, columns in the runs' metric order."""
+    """One Markdown table per dataset, one row per group of like runs (see the module docstring),
+    columns in the runs' metric order."""
     by_dataset = defaultdict(lambda: defaultdict(list))
     for run in runs:
-        by_dataset[run["dataset"]][run["model"]].append(run)
+        by_dataset[run["dataset"]][group_key(run)].append(run)
     out = []
-    for dataset, models in sorted(by_dataset.items()):
-        metrics = list(next(iter(models.values()))[0]["test_result"])
+    for dataset, groups in sorted(by_dataset.items()):
+        metrics = list(next(iter(groups.values()))[0]["test_result"])
         out += [f"### {dataset}", "",
-                "| model | seeds | " + " | ".join(metrics) + " | best epoch | s / epoch | parameters |",
-                "|" + "---|" * (len(metrics) + 5)]
-        for model, group in sorted(models.items()):
-            group = sorted(group, key=lambda r: (str(r["seed"]), r["run"]))
-            cells = [mean_std([r["test_result"][m] for r in group]) for m in metrics]
-            epochs = [r["best_epoch"] for r in group if r.get("best_epoch") is not None]
-            times = [t for t in map(seconds_per_epoch, group) if t is not None]
-            out.append(
-                f"| {model} | {', '.join(str(r['seed']) for r in group)} | " + " | ".join(cells)
-                + f" | {mean_std(epochs, 1) if epochs else '-'} | {mean_std(times, 2) if times else '-'}"
-                + f" | {group[0].get('parameters', '-'):,} |")
+                "| model | settings | seeds | " + " | ".join(metrics)
+                + " | best epoch | s / epoch | parameters |",
+                "|" + "---|" * (len(metrics) + 6)]
+        by_model = defaultdict(list)
+        for key in sorted(groups, key=lambda k: (k[0], k[1], k[2] or "")):
+            by_model[key[0]].append(groups[key])
+        for model, model_groups in sorted(by_model.items()):
+            for group, label in zip(model_groups, differences(model_groups)):
+                out.append(_row(model, label, group, metrics))
         out.append("")
     return "\n".join(out)
+
+
+def _row(model: str, label: str, group: list[dict], metrics: list[str]) -> str:
+    group = sorted(group, key=lambda r: (str(r["seed"]), r["run"]))
+    cells = [mean_std([r["test_result"][m] for r in group]) for m in metrics]
+    epochs = [r["best_epoch"] for r in group if r.get("best_epoch") is not None]
+    times = [t for t in map(seconds_per_epoch, group) if t is not None]
+    return (f"| {model} | {label or '-'} | {', '.join(str(r['seed']) for r in group)} | "
+            + " | ".join(cells)
+            + f" | {mean_std(epochs, 1) if epochs else '-'} | {mean_std(times, 2) if times else '-'}"
+            + f" | {group[0].get('parameters', '-'):,} |")
 
 
 def plot(runs: list[dict], folder: Path) -> list[Path]:

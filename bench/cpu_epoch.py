@@ -33,7 +33,7 @@ def epoch_seconds(model_name, config_files, overrides):
     try:
         _seed_and_precision(config)
         start = time.perf_counter()
-        train_data, _, _ = _load_data(config)
+        _, train_data, _, _, _ = _load_data(config)
         load_s = time.perf_counter() - start
         model = _build_model(spec, config, train_data.dataset)
         run = new_run(spec.name, config["dataset"], "/tmp/cpu_epoch/saved", "/tmp/cpu_epoch/log",

@@ -24,18 +24,35 @@ stack and one is unsafe; :func:`apply` mends them once, before any RecBole objec
    RecBole's internals, not the user's input, so we silence exactly those.
 7. ``recbole.quick_start`` imports ray (pinned <= 2.6.3: no wheel for Python 3.12, broken on numpy 2).
    Nothing here imports it; the project's own pipeline replaces quick_start.
+8. RecBole reads a model's defaults only from its own package (``properties/model/<Name>.yaml``), so
+   a plugin model built from RecBole's ``Config`` would miss every setting of its own. A model of
+   this project names its defaults file in ``defaults_file``; ``Config`` reads it right after
+   RecBole's own files: every file, dict and command line the user gives wins over it.
+9. RecBole reads its interaction file with pandas and mends missing values silently; the file is
+   read with every row checked instead (:mod:`pipeline.atomic`), and a dataset that its filters
+   empty is named with its counts rather than failing deep inside RecBole.
+10. RecBole's ``Trainer`` reloads the best checkpoint it saved (a pickle holding its Config) with
+    ``torch.load``, which torch >= 2.6 refuses. A checkpoint that a RecBole Trainer wrote in this
+    process is loaded in full (it is the process's own file); any other file still gets torch's
+    safe loading.
 
-Checkpoints written by torch >= 2.6 need no patch: the project saves plain data that loads with
-``torch.load(weights_only=True)`` (see :mod:`pipeline.checkpoint`).
+The project's own checkpoints need no patch: they are plain data that loads with
+``torch.load(weights_only=True)`` (see :mod:`pipeline.checkpoint`). Models of this project call
+:func:`apply` when their module is imported, so RecBole's own flow (``Config``, ``create_dataset``,
+``Trainer``) works with them as it does with RecBole's models.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
+import functools
 import os
 import warnings
 
 _applied = False
+_RECBOLE = {}  # RecBole's own functions that the patches below wrap
+_WRITTEN_BY_RECBOLE: set[str] = set()  # checkpoints RecBole's Trainer saved in this process
 
 _NUMPY_ALIASES = {"float_": "float64", "complex_": "complex128", "unicode_": "str_"}
 
@@ -77,6 +94,70 @@ def _convert_config_dict(self, config_dict):
     return config_dict
 
 
+def _load_internal_config_dict(self, model, model_class, dataset):
+    """RecBole's defaults, then the defaults file a plugin model names (``defaults_file``)."""
+    _RECBOLE["load_internal"](self, model, model_class, dataset)
+    defaults = getattr(model_class, "defaults_file", None)
+    if defaults is not None:
+        self._update_internal_config_dict(str(defaults))
+
+
+def _load_feat(self, filepath, source):
+    """RecBole's reading of an atomic file; the interaction file's rows are checked."""
+    from recbole.utils import FeatureSource
+
+    from pipeline import atomic
+
+    recbole_reader = functools.partial(_RECBOLE["load_feat"], self)
+    if source == FeatureSource.INTERACTION:
+        return atomic.read_interactions(self, filepath, source, recbole_reader)
+    return recbole_reader(filepath, source)
+
+
+def _reset_index(self):
+    from pipeline import atomic
+
+    atomic.check_not_empty(self)
+    return _RECBOLE["reset_index"](self)
+
+
+def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+    _RECBOLE["save_checkpoint"](self, epoch, verbose=verbose, **kwargs)
+    _WRITTEN_BY_RECBOLE.add(os.path.abspath(kwargs.get("saved_model_file", self.saved_model_file)))
+
+
+@contextlib.contextmanager
+def _loading_own_checkpoint(path):
+    """Inside: torch.load unpickles in full, if ``path`` is a checkpoint written in this process."""
+    if path is None or os.path.abspath(path) not in _WRITTEN_BY_RECBOLE:
+        yield
+        return
+    key = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"  # read by torch.load at each call
+    saved = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        with warnings.catch_warnings():  # torch warns that the variable is set: it is, on purpose
+            warnings.filterwarnings("ignore", message=f"Environment variable {key}")
+            yield
+    finally:
+        if saved is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = saved
+
+
+def _evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+    path = (model_file or self.saved_model_file) if load_best_model else None
+    with _loading_own_checkpoint(path):
+        return _RECBOLE["evaluate"](self, eval_data, load_best_model=load_best_model,
+                                    model_file=model_file, show_progress=show_progress)
+
+
+def _resume_checkpoint(self, resume_file):
+    with _loading_own_checkpoint(resume_file):
+        return _RECBOLE["resume_checkpoint"](self, resume_file)
+
+
 def apply() -> None:
     """Patch RecBole in place; safe to call any number of times."""
     global _applied
@@ -107,6 +188,16 @@ def apply() -> None:
 
     rb_config.Config._convert_config_dict = _convert_config_dict
     rb_dataset.Dataset._fill_nan = _fill_nan
+    for owner, name, key, patch in (
+            (rb_config.Config, "_load_internal_config_dict", "load_internal",
+             _load_internal_config_dict),
+            (rb_dataset.Dataset, "_load_feat", "load_feat", _load_feat),
+            (rb_dataset.Dataset, "_reset_index", "reset_index", _reset_index),
+            (rb_trainer.Trainer, "_save_checkpoint", "save_checkpoint", _save_checkpoint),
+            (rb_trainer.Trainer, "evaluate", "evaluate", _evaluate),
+            (rb_trainer.Trainer, "resume_checkpoint", "resume_checkpoint", _resume_checkpoint)):
+        _RECBOLE[key] = getattr(owner, name)
+        setattr(owner, name, patch)
     for module in (rb_dataset, rb_data_utils, rb_trainer, rb_utils, rb_logger, rb_utils_utils):
         module.ensure_dir = _ensure_dir
     _applied = True

@@ -6,8 +6,9 @@ TensorBoard folder (``log_tensorboard/<name>``). RecBole names checkpoints by th
 two runs started in the same second overwrite each other and the second one then tests the first
 one's weights; the random suffix, checked against existing files, rules that out.
 
-Until :meth:`RunLog.commit` the log is held in memory, so a run that fails validation (a bad
-hyperparameter, a missing dataset) leaves no file behind.
+Until :meth:`RunLog.commit` the log is held in memory: a run commits it once it has trained its
+first epoch, so a run that ends before (bad input, an error, Ctrl-C) leaves no file behind.
+:func:`check_writable` finds unusable output folders before anything is loaded.
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ import logging
 import platform
 import secrets
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+
+from pipeline.errors import Terminated, UserError
 
 FILE_FORMAT = "%(asctime)s %(levelname)s  %(message)s"
 CONSOLE_FORMAT = "%(asctime)s %(levelname)s  %(message)s"
@@ -50,6 +54,26 @@ def new_run(model: str, dataset: str, checkpoint_dir, log_dir, tensorboard_dir) 
             return paths
 
 
+OUTPUT_KEYS = ("checkpoint_dir", "log_dir", "tensorboard_dir")
+
+
+def check_writable(folder, setting: str) -> None:
+    """UserError unless ``folder`` is a folder (existing, or one that can be made) where this
+    process can create files: tried, since permissions alone do not tell (root, read-only mounts)."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{setting} {folder} cannot be a folder: {existing} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise UserError(f"{setting} {folder} is not writable: cannot create files in {existing} "
+                        f"({error.strerror})") from None
+
+
 class _Buffer(logging.Handler):
     def __init__(self):
         super().__init__()
@@ -62,7 +86,7 @@ class _Buffer(logging.Handler):
 class RunLog:
     """Console logging at once; the file log from :meth:`commit` on, with what came before it."""
 
-    def __init__(self, level: str | None = "INFO", quiet: bool = False):
+    def __init__(self, level: str | None = "INFO", quiet: bool = False, stream=None):
         self.root = logging.getLogger()
         self.root.setLevel(getattr(logging, str(level or "INFO").upper(), logging.INFO))
         for handler in list(self.root.handlers):  # a second run in one process starts clean
@@ -71,7 +95,7 @@ class RunLog:
                 handler.close()
         self.buffer = self._own(_Buffer())
         if not quiet:
-            self._own(logging.StreamHandler(sys.stdout)).setFormatter(
+            self._own(logging.StreamHandler(stream or sys.stdout)).setFormatter(
                 logging.Formatter(CONSOLE_FORMAT, "%d %b %H:%M:%S"))
         self.file_handler = None
 
@@ -92,11 +116,22 @@ class RunLog:
         self.root.removeHandler(self.buffer)
         self.file_handler = self._own(handler)
 
+    @property
+    def committed(self) -> bool:
+        return self.file_handler is not None
+
     def record_failure(self, error: BaseException) -> None:
-        """Put the error that ends a run into its log file (the console hears of it from the CLI)."""
-        if self.file_handler is not None:
-            self.file_handler.handle(logging.makeLogRecord(
-                {"levelno": logging.ERROR, "levelname": "ERROR", "msg": f"run failed: {error!r}"}))
+        """Put what ends a run early into its log file (the console hears of it from the CLI)."""
+        if self.file_handler is None:
+            return
+        if isinstance(error, KeyboardInterrupt):
+            message = "run stopped: interrupted (Ctrl-C)"
+        elif isinstance(error, Terminated):
+            message = "run stopped: terminated (SIGTERM)"
+        else:
+            message = f"run failed: {error!r}"
+        self.file_handler.handle(logging.makeLogRecord(
+            {"levelno": logging.ERROR, "levelname": "ERROR", "msg": message}))
 
     def close(self) -> None:
         for handler in list(self.root.handlers):

@@ -13,6 +13,15 @@ Priority, lowest first (a later source overrides an earlier one):
    settings;
 6. ``--key=value`` overrides.
 
+A run resumed or evaluated from a checkpoint starts from the checkpoint's settings (``base``),
+below the ``--config`` files and the overrides given with it.
+
+Every setting is known and checked before anything is loaded: a key that no file of the run, no
+RecBole default and no model defines is refused, with the nearest known key as a hint (a
+``--key=value`` must be a setting of the run's model; a ``--config`` file may hold other models'
+settings too, as the dataset configs hold TiM4Rec's); each value is held to the type and range its
+YAML comment documents (:mod:`pipeline.schema`).
+
 ``gpu_id`` defaults to ``CUDA_VISIBLE_DEVICES`` when that is set (RecBole would otherwise reset the
 variable to its own default, ``0``), else, in a distributed run, to the first ``LOCAL_WORLD_SIZE``
 GPUs: local rank r trains on the r-th of them.
@@ -32,15 +41,17 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import ROOT
+from pipeline import ROOT, schema
 from pipeline.errors import UserError
-from pipeline.registry import ModelSpec, find_model
+from pipeline.registry import BASELINE_DIR, ModelSpec, find_model
 
 CONFIG_DIR = ROOT / "config"
 OVERALL = CONFIG_DIR / "overall.yaml"
 DEFAULT_DATASET_CONFIG = CONFIG_DIR / "config4ml100k_64d.yaml"
 DEFAULT_MODEL = "TiM4Rec"
 ROOT_RELATIVE_KEYS = ("data_path", "checkpoint_dir", "log_dir", "tensorboard_dir")
+# Settings RecBole reads without declaring a default for them.
+RECBOLE_UNDECLARED = ("encoding",)
 
 
 @lru_cache(maxsize=None)
@@ -96,10 +107,12 @@ def config_files_for(spec: ModelSpec, user_files: dict[Path, dict],
     return files
 
 
-def build_config(model: str | None, config_files: list[Path], overrides: dict):
+def build_config(model: str | None, config_files: list[Path], overrides: dict,
+                 base: dict | None = None):
     """The resolved RecBole Config and the model's spec.
 
-    ``overrides`` hold ``--key=value`` strings or already typed values (from a checkpoint).
+    ``overrides`` hold ``--key=value`` strings or already typed values; ``base`` the settings of a
+    saved run (a checkpoint's), which the files and the overrides given here change.
     """
     from pipeline import compat
 
@@ -109,32 +122,68 @@ def build_config(model: str | None, config_files: list[Path], overrides: dict):
     # Read first: one clear line for a missing or malformed file, before RecBole reads it.
     user_files = {Path(f).resolve(): read_yaml(Path(f)) for f in config_files}
     from_files = {k: v for data in user_files.values() for k, v in data.items()}
-    spec = find_model(model or overrides.get("model") or from_files.get("model") or DEFAULT_MODEL)
-    files = config_files_for(spec, user_files, "dataset" in overrides or "dataset" in from_files)
-    overrides = {k: v for k, v in overrides.items() if k != "model"}
-    if "gpu_id" not in overrides:
+    base = dict(base or {})
+    spec = find_model(model or overrides.get("model") or from_files.get("model")
+                      or base.get("model") or DEFAULT_MODEL)
+    names_dataset = any("dataset" in d for d in (overrides, from_files, base))
+    files = config_files_for(spec, user_files, names_dataset)
+    given = {k: v for k, v in overrides.items() if k != "model"}
+    config_dict = {**base, **from_files, **given} if base else dict(given)
+    config_dict.pop("model", None)
+    if "gpu_id" not in config_dict:
         # RecBole sets CUDA_VISIBLE_DEVICES to gpu_id (default "0"), hiding the GPUs a user or a
         # launcher picked through the variable, and the GPUs of a distributed run's other ranks.
         if os.environ.get("CUDA_VISIBLE_DEVICES"):
-            overrides["gpu_id"] = os.environ["CUDA_VISIBLE_DEVICES"]
+            config_dict["gpu_id"] = os.environ["CUDA_VISIBLE_DEVICES"]
         elif int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
-            overrides["gpu_id"] = ",".join(map(str, range(int(os.environ["LOCAL_WORLD_SIZE"]))))
+            config_dict["gpu_id"] = ",".join(map(str, range(int(os.environ["LOCAL_WORLD_SIZE"]))))
     with _argv_hidden():
         try:
             config = Config(model=spec.model_class, config_file_list=[str(f) for f in files],
-                            config_dict=overrides)
+                            config_dict=config_dict)
         except (KeyError, ValueError, TypeError) as error:
             raise UserError(f"invalid configuration: {error}") from None
+    _check_keys(config, spec, user_files, given)
+    _check_values(config, files)
     check_valid_metric(config)
-    if config["cuda_graph"] not in (True, False, "auto"):
-        raise UserError(f"cuda_graph must be auto, True or False, got {config['cuda_graph']!r}")
-    if config["compile_ahead"] not in (True, False):
-        raise UserError(f"compile_ahead must be True or False, got {config['compile_ahead']!r}")
     for key in ROOT_RELATIVE_KEYS:
         value = config[key]
         if value is not None and not Path(value).is_absolute():
             config[key] = str(ROOT / value)
     return config, spec
+
+
+def _project_yaml_files() -> list[Path]:
+    return sorted([*CONFIG_DIR.glob("*.yaml"), *(CONFIG_DIR / "model").glob("*.yaml"),
+                   *BASELINE_DIR.glob("*/config.yaml")])
+
+
+def _check_keys(config, spec: ModelSpec, user_files: dict, given: dict) -> None:
+    """UserError for a key that is no setting: of the run's model (``given``), or of any model of
+    the project (a ``--config`` file, which may serve several models, as the dataset configs do)."""
+    of_run = {*config.internal_config_dict, *RECBOLE_UNDECLARED, "model", "dataset"}
+    for path in (OVERALL, spec.defaults, spec.settings):
+        of_run |= schema.keys_of(path) if path is not None else set()
+    anywhere = of_run.union(*(schema.keys_of(p) for p in _project_yaml_files()))
+    for key in given:
+        if key in of_run:
+            continue
+        if key in anywhere:
+            raise UserError(f"'{key}' is not a setting of {spec.name}")
+        raise UserError(schema.unknown_key(key, of_run))
+    for path, data in user_files.items():
+        for key in data:
+            if key not in anywhere:
+                raise UserError(f"config file {path}: {schema.unknown_key(key, anywhere)}")
+
+
+def _check_values(config, files) -> None:
+    """UserError for a value outside the type and range its YAML comment documents."""
+    for key, setting in schema.schema_for(files).items():
+        if key in config.final_config_dict:
+            problem = setting.problem(config[key])
+            if problem:
+                raise UserError(f"{key} {problem}, got {config[key]!r}")
 
 
 def check_valid_metric(config) -> None:
@@ -148,11 +197,14 @@ def check_valid_metric(config) -> None:
 
 
 def check_dataset_files(config) -> None:
-    """UserError when the dataset's atomic .inter file, or a column the run needs, is missing.
+    """UserError when the dataset's atomic .inter file is missing or its header malformed, or a
+    column the run needs is missing.
 
     (RecBole would otherwise try to download a dataset it does not find, and fail deep inside the
     split on a missing time column.)
     """
+    from pipeline.atomic import read_header
+
     folder = Path(config["data_path"])
     inter = folder / f"{config['dataset']}.inter"
     name = config["dataset"]
@@ -161,8 +213,8 @@ def check_dataset_files(config) -> None:
                         f"(prepare it with dataset/prepare.py, or set data_path)")
     if not inter.is_file():
         raise UserError(f"dataset '{name}': no atomic file {inter.name} in {folder}")
-    with inter.open(encoding="utf-8") as f:
-        header = [field.split(":")[0] for field in f.readline().rstrip("\n").split("\t")]
+    header = [column for column, _ in read_header(inter, config["field_separator"],
+                                                  config["encoding"])]
     loaded = (config["load_col"] or {}).get("inter") if config["load_col"] else None
     needed = {config["USER_ID_FIELD"]: "the user column", config["ITEM_ID_FIELD"]: "the item column"}
     if config["eval_args"]["order"] == "TO":

@@ -19,11 +19,21 @@ from pipeline.runlog import RunPaths, environment
 from pipeline.settings import plain_config
 
 
-class _NoTensorBoard:
-    """Stands in for a SummaryWriter when only evaluating: writes nothing, creates no folder."""
+class _TensorBoard:
+    """Stands in for a SummaryWriter: opens the run's folder at the first value written (so a run
+    that ends before its first epoch leaves none), or writes nothing when ``folder`` is None."""
 
-    def __getattr__(self, _name):
-        return lambda *args, **kwargs: None
+    def __init__(self, folder):
+        self.folder, self.writer = folder, None
+
+    def __getattr__(self, name):
+        if self.folder is None:
+            return lambda *args, **kwargs: None
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+            self.writer = SummaryWriter(str(self.folder))
+        return getattr(self.writer, name)
 
 
 @contextlib.contextmanager
@@ -33,12 +43,7 @@ def _tensorboard_in(folder):
     import recbole.trainer.trainer as rb_trainer
 
     original = rb_trainer.get_tensorboard
-    if folder is not None:
-        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-
-        writer = SummaryWriter(str(folder))
-    else:
-        writer = _NoTensorBoard()
+    writer = _TensorBoard(folder)
     rb_trainer.get_tensorboard = lambda _logger: writer
     try:
         yield
@@ -46,13 +51,27 @@ def _tensorboard_in(folder):
         rb_trainer.get_tensorboard = original
 
 
-def load_weights(model, state_dict, source) -> None:
-    """Load a state_dict, or say in one line why it does not fit the model."""
+def load_weights(model, state_dict, source, changed: str = "") -> None:
+    """Load a state_dict, or say in one line why it does not fit the model (``changed``: the
+    settings that differ from the checkpoint's, the likely cause)."""
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as error:
         detail = " ".join(str(error).split())
-        raise UserError(f"checkpoint {source} does not match the model: {detail[:600]}") from None
+        cause = f" (settings changed since it: {changed})" if changed else ""
+        raise UserError(f"checkpoint {source} does not match the model{cause}: "
+                        f"{detail[:600]}") from None
+
+
+def _on_cpu(value):
+    """A copy of a state (tensors, in dicts and lists) on the CPU: kept while the model trains on."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
 
 
 class _Loss(torch.nn.Module):
@@ -78,13 +97,21 @@ class ProjectTrainer(Trainer):
       evaluation of a run that only evaluates (``compile_ahead``, :mod:`pipeline.precompile`);
     - ``history``: loss, training time and validation result of every epoch, and ``best_epoch``,
       for the run's results file (:func:`pipeline.workflow.train`);
+    - the checkpoint keeps the best state, written when validation improves, and the last one,
+      written with it when the run ends in any way but a kill (stopped early, at its last epoch,
+      Ctrl-C, SIGTERM, an error): :meth:`resume` continues from the last state where it is kept;
+    - nothing is written (checkpoint, TensorBoard, the log through ``on_first_write``) before the
+      first epoch's training has finished;
     - in a distributed run (:mod:`pipeline.distributed`): gradients averaged by
       DistributedDataParallel, evaluation sharded by batch and gathered before the metrics, and
       checkpoints written by rank 0 alone.
     """
 
-    def __init__(self, config, model, run: RunPaths | None):
-        """``run`` None: an evaluation-only trainer that writes no TensorBoard and no checkpoint."""
+    def __init__(self, config, model, run: RunPaths | None, extra: dict | None = None,
+                 on_first_write=None):
+        """``run`` None: an evaluation-only trainer that writes no TensorBoard and no checkpoint.
+        ``extra``: entries every checkpoint of the run carries (its data, the checkpoint it resumed);
+        ``on_first_write``: called once, before the run writes its first file."""
         writes = run is not None and distributed.is_main()
         with _tensorboard_in(run.tensorboard_dir if writes else None):
             super().__init__(config, model)
@@ -95,7 +122,7 @@ class ProjectTrainer(Trainer):
         if self.device.type == "cuda":
             reason = cuda_graph.reason_not_captured(
                 config["cuda_graph"], config["model"], distributed.active(), self.optimizer,
-                clip_grad_norm=self.clip_grad_norm, amp=self.enable_amp or self.enable_scaler)
+                clip_grad_norm=self.clip_grad_norm)
             if reason is None:
                 self._graph_stream = torch.cuda.Stream()
             else:
@@ -116,8 +143,19 @@ class ProjectTrainer(Trainer):
         self._last_valid_result = None
         self.history: list[dict] = []
         self.best_epoch = None
+        self._extra = dict(extra or {})
+        self._on_first_write = on_first_write
+        self._best = None  # the best state (on the CPU), as the checkpoint's top level holds it
+        self._last = None  # the state of the last validated epoch, where it is not the best
+
+    def _first_write(self):
+        if self._on_first_write is not None:
+            self._on_first_write()
+            self._on_first_write = None
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        from pipeline import precision  # enable_amp: the forward in bfloat16 autocast
+
         start = time.perf_counter()
         self.model.train()
         graphed = self._graphed_step(train_data) if loss_func is None else None
@@ -133,11 +171,12 @@ class ProjectTrainer(Trainer):
             if self._compile_pending:
                 self._compile_ahead(interaction)
             if graphed is not None:  # takes the batch from the CPU itself, without waiting
-                total += graphed(interaction)
+                with precision.autocast(self.device, self.enable_amp):  # its forward runs in it
+                    total += graphed(interaction)
                 continue
             interaction = interaction.to(self.device)
             self.optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=self.device.type, enabled=self.enable_amp):
+            with precision.autocast(self.device, self.enable_amp):
                 loss = loss_func(interaction)
             if isinstance(loss, tuple):  # multi-part losses are reported as their sum
                 loss = sum(loss)
@@ -153,6 +192,8 @@ class ProjectTrainer(Trainer):
             raise UserError(f"training diverged: the loss of epoch {epoch_idx} is NaN")
         self.history.append({"epoch": epoch_idx, "train_loss": total,
                              "train_s": time.perf_counter() - start})
+        if distributed.is_main():
+            self._first_write()  # the run has trained an epoch: from here on it leaves a log
         if self.device.type == "cuda" and distributed.is_main():
             autotune.save()  # now, not only at exit: a run stopped later keeps its kernel choices
         return total
@@ -177,12 +218,38 @@ class ProjectTrainer(Trainer):
             self.logger.info(f"Triton: {done['kernels']} kernels compiled ahead in "
                              f"{done['compile_s']:.1f} s")
 
-    def fit(self, *args, **kwargs):
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False,
+            callback_fn=None):
+        def after_validation(epoch_idx, valid_score):
+            if self.best_epoch != epoch_idx:  # the best state was just kept, if it is this one
+                self._last = {"epoch": epoch_idx, "cur_step": self.cur_step,
+                              "state_dict": _on_cpu(self.model.state_dict()),
+                              "optimizer": _on_cpu(self.optimizer.state_dict())}
+            if callback_fn:
+                callback_fn(epoch_idx, valid_score)
+
         try:
-            return super().fit(*args, **kwargs)
+            return super().fit(train_data, valid_data, verbose, saved, show_progress,
+                               after_validation)
         finally:
             if self._graphed:
                 self._graphed.release()  # before the process group goes (pipeline.cuda_graph)
+            if saved and self._last is not None and self._best is not None:
+                self.write_checkpoint()  # the last state beside the best one
+
+    def write_checkpoint(self, verbose: bool = False) -> None:
+        """Write the run's checkpoint: the best state, and the last one where it is another."""
+        if distributed.is_main():
+            self._first_write()
+            checkpoint.save(self.saved_model_file, {
+                **self._best, **self._extra, "model": self.config["model"],
+                "config": plain_config(self.config), "run": self.run.name,
+                "versions": {k: v for k, v in environment(self.device).items() if k != "device"},
+                **({"last": self._last} if self._last is not None else {}),
+            })
+            if verbose:
+                self.logger.info(set_color("Saving current", "blue") + f": {self.saved_model_file}")
+        distributed.barrier()  # no rank reads the checkpoint before it is complete
 
     def _graphed_step(self, train_data):
         """The CUDA-graph training step (:mod:`pipeline.cuda_graph`), or None where it is off or
@@ -206,42 +273,44 @@ class ProjectTrainer(Trainer):
         return self._graphed
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
-        path = kwargs.pop("saved_model_file", self.saved_model_file)
-        if epoch >= 0:
-            self.best_epoch = epoch
-        if distributed.is_main():
-            self._write_checkpoint(path, epoch, verbose)
-        distributed.barrier()  # no rank reads the checkpoint before it is complete
-
-    def _write_checkpoint(self, path, epoch, verbose):
-        checkpoint.save(path, {
-            "model": self.config["model"],
-            "config": plain_config(self.config),
-            "epoch": epoch,
-            "cur_step": self.cur_step,
+        """RecBole calls this when validation improves: keep that state as the best one."""
+        self.best_epoch = epoch
+        self._best = {
+            "epoch": epoch, "cur_step": self.cur_step,
             "best_valid_score": float(self.best_valid_score),
             "best_valid_result": as_floats(self._last_valid_result or self.best_valid_result),
-            "state_dict": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "versions": {k: v for k, v in environment(self.device).items() if k != "device"},
-        })
-        if verbose:
-            self.logger.info(set_color("Saving current", "blue") + f": {path}")
+            "state_dict": _on_cpu(self.model.state_dict()),
+            "optimizer": _on_cpu(self.optimizer.state_dict()),
+        }
+        self._last = None
+        self.write_checkpoint(verbose)
 
     def resume_checkpoint(self, resume_file):
-        data = checkpoint.load(resume_file, map_location=self.device)
-        if data["model"].lower() != self.config["model"].lower():
-            raise UserError(f"checkpoint {resume_file} holds a {data['model']} model, "
-                            f"not {self.config['model']}")
-        load_weights(self.model, data["state_dict"], resume_file)
-        self.optimizer.load_state_dict(data["optimizer"])
+        raise NotImplementedError("resume through resume(), which takes the loaded checkpoint")
+
+    def resume(self, data: dict, source, changed: str = "") -> None:
+        """Continue the run saved in ``data`` (a loaded checkpoint, read from ``source``): its last
+        state where kept, else its best; the learning rate and weight decay are this run's. The
+        best state so far is the checkpoint's until this run improves on it."""
+        state = checkpoint.resume_state(data)
+        load_weights(self.model, state["state_dict"], source, changed)
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # the state holds the old run's values
+            group["lr"] = self.config["learning_rate"]
+            if "weight_decay" in group:
+                group["weight_decay"] = self.config["weight_decay"]
         cuda_graph.reset_capturable(self.optimizer)  # the graph, if any, turns it on again
-        self.start_epoch = data["epoch"] + 1
-        self.cur_step = data["cur_step"]
+        self.start_epoch = state["epoch"] + 1
+        self.cur_step = state["cur_step"]
         self.best_valid_score = data["best_valid_score"]
         self.best_valid_result = data.get("best_valid_result")
-        self.saved_model_file = str(resume_file)
-        self.logger.info(f"Resuming {resume_file} from epoch {self.start_epoch}")
+        self.best_epoch = data["epoch"]
+        self._best = {k: data[k] for k in ("epoch", "cur_step", "best_valid_score",
+                                            "best_valid_result", "state_dict", "optimizer")}
+        self._last = {k: v for k, v in state.items()} if "last" in data else None
+        kept = "its last epoch" if "last" in data else "its best epoch"
+        self.logger.info(f"Resuming {source} from {kept} ({state['epoch']}): training from "
+                         f"epoch {self.start_epoch}")
 
     def _valid_epoch(self, valid_data, show_progress=False):
         # fit() saves a new best checkpoint before it records the new best result: keep it here.
@@ -255,8 +324,11 @@ class ProjectTrainer(Trainer):
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         if load_best_model:
             path = model_file or self.saved_model_file
-            load_weights(self.model, checkpoint.load(path, map_location=self.device)["state_dict"],
-                         path)
+            if self._best is not None and model_file is None:
+                load_weights(self.model, self._best["state_dict"], path)  # what the file holds
+            else:
+                load_weights(self.model, checkpoint.load(path, map_location=self.device)[
+                    "state_dict"], path)
             self.logger.info(f"Loaded the best weights from {path}")
         if self._compile_pending:  # a run that only evaluates: its scoring kernels
             first = next(iter(eval_data), None)  # (interaction, ...) of a RecBole eval loader

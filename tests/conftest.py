@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -35,6 +38,19 @@ def write_inter(path: Path, n_users: int = 40, n_items: int = 30, seed: int = 0)
     path.write_text("user_id:token\titem_id:token\ttimestamp:float\n" + "\n".join(rows) + "\n")
 
 
+TIM4REC_SIZES = ("d_state", "head_dim", "chunk_size")  # TiM4Rec's and SSD4Rec's, no other model's
+
+
+def for_model(model: str, settings: dict) -> dict:
+    """Tiny-run settings without those that ``model`` does not have (a run refuses them): the
+    SSD sizes but for SSD4Rec; Caser's width is embedding_size, not hidden_size."""
+    unknown = set() if model in ("TiM4Rec", "SSD4Rec") else set(TIM4REC_SIZES)
+    settings = {k: v for k, v in settings.items() if k not in unknown}
+    if model == "Caser" and "hidden_size" in settings:
+        settings["embedding_size"] = settings.pop("hidden_size")
+    return settings
+
+
 @pytest.fixture(scope="session")
 def tiny_data_path(tmp_path_factory) -> Path:
     """A data_path holding dataset ``tiny`` (tiny/tiny.inter)."""
@@ -47,3 +63,13 @@ def tiny_data_path(tmp_path_factory) -> Path:
 def _clean_argv(monkeypatch):
     # RecBole's Config parses sys.argv; pytest's own flags must not leak into it.
     monkeypatch.setattr(sys, "argv", sys.argv[:1])
+
+
+def interpreted_errors(script: Path) -> dict:
+    """Run a script of kernel checks through Triton's interpreter on the CPU (chosen before triton
+    is imported: a process of its own) and return the errors it prints last, as JSON."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -6,24 +6,25 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
 from pipeline import ROOT
-from pipeline.workflow import evaluate_checkpoint
+from pipeline.workflow import evaluate
+from tests.conftest import for_model
 
 TINY = {"dataset": "tiny", "hidden_size": 16, "d_state": 8, "head_dim": 8, "chunk_size": 4,
         "MAX_ITEM_LIST_LENGTH": 10, "topk": "[5,10]", "train_batch_size": 64, "epochs": 2,
         "show_progress": False, "use_gpu": False, "state": "ERROR"}
 
 
-def settings(data_path, folder, **changes):
-    """--key=value arguments of a tiny run on ``data_path`` writing under ``folder``."""
-    values = {**TINY, "data_path": data_path, "checkpoint_dir": folder / "saved",
-              "log_dir": folder / "log", "tensorboard_dir": folder / "tb", **changes}
+def settings(data_path, folder, model="TiM4Rec", **changes):
+    """--key=value arguments of a tiny run of ``model`` on ``data_path`` writing under ``folder``."""
+    values = {**for_model(model, TINY), "data_path": data_path,
+              "checkpoint_dir": folder / "saved", "log_dir": folder / "log",
+              "tensorboard_dir": folder / "tb", **changes}
     return [f"--{key}={value}" for key, value in values.items()]
 
 
@@ -56,7 +57,7 @@ def test_two_processes_end_with_identical_weights(two_processes):
 
 
 def test_distributed_metrics_equal_a_single_process_evaluation(two_processes, tiny_data_path):
-    single = evaluate_checkpoint(two_processes["checkpoint"], {
+    single = evaluate(two_processes["checkpoint"], {
         "data_path": str(tiny_data_path), "show_progress": False, "eval_batch_size": 4096},
         quiet=True)
     for split, reported in (("test_result", two_processes["test_result"]),
@@ -88,15 +89,20 @@ def test_torchrun_two_nodes_on_loopback_give_the_same_run(two_processes, tiny_da
 
 
 def test_distributed_training_resumes(two_processes, tiny_data_path, tmp_path):
-    resumed = tmp_path / "resume.pth"  # resuming writes to the checkpoint it starts from
-    shutil.copy(two_processes["checkpoint"], resumed)
+    import torch
+
+    from pipeline import checkpoint
+
+    source = two_processes["checkpoint"]
+    before = open(source, "rb").read()
     done = launch([sys.executable, "run.py", "--nproc=2",
-                   *settings(tiny_data_path, tmp_path, checkpoint_path=resumed, epochs=4)])
+                   *settings(tiny_data_path, tmp_path, checkpoint_path=source, epochs=4)])
     assert done.returncode == 0, done.stderr[-3000:]
     run = results(tmp_path)
-    after = two_processes["best_epoch"] + 1  # the checkpoint holds the best epoch
+    after = checkpoint.resume_state(torch.load(source, weights_only=True))["epoch"] + 1
     assert [e["epoch"] for e in run["epochs"]] == list(range(after, 4))
-    assert run["checkpoint"] == str(resumed)
+    assert run["checkpoint"] != source and run["resumed_from"] == source
+    assert open(source, "rb").read() == before  # resuming never writes to its source
     assert run["replica_digests"][0] == run["replica_digests"][1]
 
 
@@ -114,7 +120,7 @@ def test_every_baseline_trains_on_two_processes(model, tiny_data_path, tmp_path)
     if model == "Mamba4Rec":
         pytest.importorskip("mambapy", reason="Mamba4Rec's torch backend needs mambapy")
     done = launch([sys.executable, "run.py", "--nproc=2", f"--model={model}",
-                   *settings(tiny_data_path, tmp_path, epochs=1)])
+                   *settings(tiny_data_path, tmp_path, model, epochs=1)])
     assert done.returncode == 0, done.stderr[-3000:]
     run = results(tmp_path)
     assert run["model"] == model and run["processes"] == 2

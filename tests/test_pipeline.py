@@ -9,7 +9,7 @@ import torch
 from pipeline import checkpoint, precompile
 from pipeline.errors import UserError
 from pipeline.settings import build_config
-from pipeline.workflow import evaluate_checkpoint, train
+from pipeline.workflow import evaluate, train
 
 
 @pytest.fixture()
@@ -41,9 +41,9 @@ def test_train_writes_checkpoint_log_and_tensorboard(tiny, tmp_path):
     assert any((tmp_path / "tb" / result["run"]).iterdir())
 
 
-def test_evaluate_checkpoint_reproduces_the_test_metrics(tiny):
+def test_evaluate_reproduces_the_test_metrics(tiny):
     result = train(overrides=tiny, quiet=True)
-    again = evaluate_checkpoint(result["checkpoint"], quiet=True)
+    again = evaluate(result["checkpoint"], quiet=True)
     assert again["model"] == "TiM4Rec" and again["dataset"] == "tiny"
     for key, value in result["test_result"].items():
         assert math.isclose(again["test_result"][key], value, abs_tol=1e-6), key
@@ -57,19 +57,104 @@ def test_runs_started_together_never_share_a_checkpoint(tiny):
     assert not torch.equal(a["item_embedding.weight"], b["item_embedding.weight"])
 
 
-def test_resume_continues_from_the_saved_epoch(tiny):
+def sha256(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_resume_is_a_new_run_with_the_settings_given(tiny):
+    """A resumed run writes a checkpoint of its own, leaves its source untouched, and trains with
+    the learning rate and weight decay it is given (not the ones in the optimizer's saved state)."""
     first = train(overrides=dict(tiny, epochs=1, stopping_step=100), quiet=True)
-    saved = torch.load(first["checkpoint"], weights_only=True)
+    source = first["checkpoint"]
+    before = sha256(source)
+    saved = torch.load(source, weights_only=True)
     assert saved["epoch"] == 0 and saved["optimizer"]["state"]  # Adam moments travel along
 
-    resumed = train(overrides=dict(tiny, epochs=3, stopping_step=100,
-                                   checkpoint_path=first["checkpoint"]), quiet=True)
+    resumed = train(overrides=dict(tiny, epochs=3, stopping_step=100, checkpoint_path=source,
+                                   learning_rate=0.05, weight_decay=0.1), quiet=True)
+    assert resumed["checkpoint"] != source and sha256(source) == before
     after = torch.load(resumed["checkpoint"], weights_only=True)
-    assert resumed["checkpoint"] == first["checkpoint"]
+    assert after["resumed_from"] == source and resumed["resumed_from"] == source
+    assert {(g["lr"], g["weight_decay"]) for g in after["optimizer"]["param_groups"]} == {(0.05, 0.1)}
+    assert after["config"]["learning_rate"] == 0.05
     log = Path(resumed["log"]).read_text()
-    assert "Resuming" in log and "from epoch 1" in log
-    assert "epoch 0 training" not in log and "epoch 2 training" in log
-    assert after["epoch"] >= 0 and after["best_valid_score"] >= saved["best_valid_score"]
+    assert "learning_rate 0.001 -> 0.05" in log and "weight_decay 0.0 -> 0.1" in log
+    assert "from its best epoch (0): training from epoch 1" in log
+    assert [e["epoch"] for e in resumed["epochs"]] == [1, 2]
+    assert after["best_valid_score"] >= saved["best_valid_score"]
+
+
+def scripted_validation(monkeypatch, scores):
+    """Validation scores by epoch, as given (the model's real ones are replaced)."""
+    from pipeline.trainer import ProjectTrainer
+
+    original = ProjectTrainer._valid_epoch
+
+    def valid_epoch(self, valid_data, show_progress=False):
+        _, result = original(self, valid_data, show_progress)
+        return scores[len(self.history) - 1], result
+
+    monkeypatch.setattr(ProjectTrainer, "_valid_epoch", valid_epoch)
+
+
+def test_the_last_state_is_kept_beside_the_best_and_resumed(tiny, monkeypatch):
+    scripted_validation(monkeypatch, [0.5, 0.4, 0.3, 0.9])
+    first = train(overrides=dict(tiny, epochs=3, stopping_step=100), quiet=True)
+    saved = torch.load(first["checkpoint"], weights_only=True)
+    assert saved["epoch"] == 0 and saved["last"]["epoch"] == 2 and first["best_epoch"] == 0
+    assert saved["last"]["cur_step"] == 2
+    assert not torch.equal(saved["state_dict"]["item_embedding.weight"],
+                           saved["last"]["state_dict"]["item_embedding.weight"])
+
+    monkeypatch.undo()
+    resumed = train(overrides=dict(tiny, epochs=4, stopping_step=100,
+                                   checkpoint_path=first["checkpoint"]), quiet=True)
+    assert [e["epoch"] for e in resumed["epochs"]] == [3]
+    assert "from its last epoch (2): training from epoch 3" in Path(resumed["log"]).read_text()
+
+
+def test_an_interrupted_run_keeps_its_last_validated_state(tiny, monkeypatch):
+    from pipeline.trainer import ProjectTrainer
+
+    scripted_validation(monkeypatch, [0.5, 0.4])
+    original = ProjectTrainer._train_epoch
+
+    def train_epoch(self, train_data, epoch_idx, *args, **kwargs):
+        if epoch_idx == 2:
+            raise KeyboardInterrupt
+        return original(self, train_data, epoch_idx, *args, **kwargs)
+
+    monkeypatch.setattr(ProjectTrainer, "_train_epoch", train_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(overrides=dict(tiny, epochs=5, stopping_step=100), quiet=True)
+    (path,) = Path(tiny["checkpoint_dir"]).glob("*.pth")
+    saved = torch.load(path, weights_only=True)
+    assert saved["epoch"] == 0 and saved["last"]["epoch"] == 1
+    (log,) = Path(tiny["log_dir"]).rglob("*.log")
+    assert log.read_text().rstrip().endswith("run stopped: interrupted (Ctrl-C)")
+
+
+def test_nothing_is_written_before_the_first_epoch_ends(tiny, monkeypatch):
+    from pipeline.trainer import ProjectTrainer
+
+    def train_epoch(self, *args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(ProjectTrainer, "_train_epoch", train_epoch)
+    with pytest.raises(RuntimeError):
+        train(overrides=tiny, quiet=True)
+    written = [p for key in ("checkpoint_dir", "log_dir", "tensorboard_dir")
+               for p in Path(tiny[key]).rglob("*") if p.is_file()]
+    assert written == []
+
+
+def test_resume_refuses_another_shape_naming_the_setting(tiny):
+    first = train(overrides=dict(tiny, epochs=1), quiet=True)
+    with pytest.raises(UserError, match=r"settings changed since it: .*hidden_size 16 -> 32"):
+        train(overrides=dict(tiny, epochs=2, hidden_size=32, checkpoint_path=first["checkpoint"]),
+              quiet=True)
 
 
 def test_resume_refuses_another_models_checkpoint(tiny):
@@ -88,8 +173,8 @@ def test_authors_recbole_checkpoint_needs_explicit_opt_in(tiny, tmp_path):
                 "state_dict": ours["state_dict"], "other_parameter": None,
                 "optimizer": ours["optimizer"]}, path)
     with pytest.raises(UserError, match="--allow-pickle"):
-        evaluate_checkpoint(path, quiet=True)
-    theirs = evaluate_checkpoint(path, allow_pickle=True, overrides={"data_path": tiny["data_path"]},
+        evaluate(path, quiet=True)
+    theirs = evaluate(path, allow_pickle=True, overrides={"data_path": tiny["data_path"]},
                                  quiet=True)
     for key, value in result["test_result"].items():
         assert math.isclose(theirs["test_result"][key], value, abs_tol=1e-6), key
@@ -205,7 +290,7 @@ def test_kernels_are_compiled_ahead_once_before_training_and_before_an_evaluatio
     result = train(overrides=tiny, quiet=True)  # two epochs, with validation
     assert calls == [(True, "Interaction")]
     calls.clear()
-    evaluate_checkpoint(result["checkpoint"], quiet=True)
+    evaluate(result["checkpoint"], quiet=True)
     assert calls == [(False, "Interaction")]
     calls.clear()
     train(overrides=dict(tiny, epochs=1, compile_ahead=False), quiet=True)

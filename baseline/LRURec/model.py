@@ -41,6 +41,7 @@ NOTE:
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +49,10 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.model.loss import BPRLoss
 from torch import nn
 
+from pipeline import compat
 from pipeline.scoring import ItemScoring
+
+compat.apply()  # RecBole 1.2.1 on numpy 2 and pandas 3, in RecBole's own flow too
 
 
 def lru_parallel_scan(lam: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
@@ -159,6 +163,8 @@ def to_left_padding(item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch
 
 class LRURec(ItemScoring, SequentialRecommender):
     r"""Linear recurrent units for sequential recommendation; see the module docstring."""
+
+    defaults_file = Path(__file__).with_name("config.yaml")  # any setting a Config lacks
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)

@@ -44,14 +44,18 @@ NOTE:
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 
+from pipeline import compat
 from pipeline.scoring import ItemScoring
 from ssd import TimeAwareSSD, resolve_backend
 from tim4rec import TiSSDLayer
+
+compat.apply()  # RecBole 1.2.1 on numpy 2 and pandas 3, in RecBole's own flow too
 
 logger = logging.getLogger()  # RecBole logs through the root logger
 
@@ -123,6 +127,8 @@ class BiSSDLayer(nn.Module):
 
 class SSD4Rec(ItemScoring, SequentialRecommender):
     r"""Bidirectional SSD (Mamba-2) recommender (Qu et al., 2024); see the module docstring."""
+
+    defaults_file = Path(__file__).with_name("config.yaml")  # any setting a Config lacks
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)

@@ -54,13 +54,17 @@ NOTE:
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.model.loss import BPRLoss
 from torch import nn
 
+from pipeline import compat
 from pipeline.scoring import ItemScoring
+
+compat.apply()  # RecBole 1.2.1 on numpy 2 and pandas 3, in RecBole's own flow too
 
 INTERVAL_MODES = ("personalized", "raw")
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
@@ -232,6 +236,8 @@ class TiSASRecLayer(nn.Module):
 
 class TiSASRec(ItemScoring, SequentialRecommender):
     r"""Time-interval-aware self-attention (Li et al., WSDM 2020); see the module docstring."""
+
+    defaults_file = Path(__file__).with_name("config.yaml")  # any setting a Config lacks
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
