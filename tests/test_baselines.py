@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from baseline.Mamba4Rec import mamba_block as mamba_blocks
 from pipeline import compat
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,8 +35,8 @@ def load_baseline(name: str):
 
 
 def requires(name: str) -> None:
-    if name == "Mamba4Rec":
-        pytest.importorskip("mambapy", reason="Mamba4Rec's torch backend needs mambapy")
+    """Skip ``name`` where a package it needs is missing. Every baseline runs on requirements.txt
+    alone now (Mamba4Rec no longer needs mambapy); kept for the tests that call it per model."""
 
 
 _BUILT: dict = {}
@@ -348,19 +349,36 @@ def test_lru_left_padding():
 # ------------------------------------------------------------------------------------------------
 
 
-def test_mamba_backend_selection_is_explicit(caplog):
+def test_mamba_backend_selection_is_explicit(caplog, monkeypatch):
     module = load_baseline("Mamba4Rec")
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         assert module.select_backend("auto", "cpu") == "torch"
-    assert any("falling back" in record.getMessage() for record in caplog.records)
-    caplog.clear()
-    with caplog.at_level(logging.WARNING):
-        assert module.select_backend("torch", "cpu") == "torch"
-    assert not caplog.records
-    with pytest.raises(RuntimeError, match="needs CUDA"):
-        module.select_backend("cuda", "cpu")
+    # the PyTorch scan is the CPU's own path: said, not warned about
+    assert any("PyTorch selective scan" in r.getMessage() and "needs CUDA" in r.getMessage()
+               for r in caplog.records)
+    assert all(r.levelno < logging.WARNING for r in caplog.records)
+    assert module.select_backend("torch", "cpu") == "torch"
+    for backend in ("cuda", "triton"):
+        with pytest.raises(RuntimeError, match=f"'{backend}' was requested but .* needs CUDA"):
+            module.select_backend(backend, "cpu")
     with pytest.raises(ValueError, match="mamba_backend"):
-        module.select_backend("triton", "cpu")
+        module.select_backend("mambapy", "cpu")
+
+    # On CUDA: mamba-ssm's compiled scan first, then the Triton scan, then (warned) PyTorch's.
+    monkeypatch.setattr(module, "cuda_backend_problem", lambda device: "no compiled mamba-ssm")
+    monkeypatch.setattr(module, "triton_backend_problem", lambda device: None)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert module.select_backend("auto", "cuda") == "triton"
+    assert any("no compiled mamba-ssm" in r.getMessage() for r in caplog.records)
+    monkeypatch.setattr(module, "triton_backend_problem", lambda device: "no Triton")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert module.select_backend("auto", "cuda") == "torch"
+    assert any(r.levelno == logging.WARNING and "no Triton" in r.getMessage()
+               for r in caplog.records)
+    monkeypatch.setattr(module, "cuda_backend_problem", lambda device: None)
+    assert module.select_backend("auto", "cuda") == "cuda"
 
 
 def mamba_reference(block, u):
@@ -393,29 +411,190 @@ def mamba_reference(block, u):
     return block.out_proj(y)
 
 
-def test_mamba_torch_backend_has_mamba_ssm_keys_and_maths():
-    pytest.importorskip("mambapy")
-    module = load_baseline("Mamba4Rec")
-    torch.manual_seed(0)
-    d_model, d_state, d_conv, expand = 16, 8, 4, 2
-    block = module.build_mamba_block("torch", d_model, d_state, d_conv, expand).double()
-    d_inner, dt_rank = expand * d_model, math.ceil(d_model / 16)
-    expected = {  # mamba_ssm.modules.mamba_simple.Mamba (bias=False, conv_bias=True)
-        "in_proj.weight": (2 * d_inner, d_model),
-        "conv1d.weight": (d_inner, 1, d_conv),
-        "conv1d.bias": (d_inner,),
-        "x_proj.weight": (dt_rank + 2 * d_state, d_inner),
-        "dt_proj.weight": (d_inner, dt_rank),
-        "dt_proj.bias": (d_inner,),
-        "A_log": (d_inner, d_state),
-        "D": (d_inner,),
-        "out_proj.weight": (d_model, d_inner),
-    }
-    assert {k: tuple(v.shape) for k, v in block.state_dict().items()} == expected
+MAMBA_SSM_SHAPES = {  # mamba_ssm.modules.mamba_simple.Mamba (bias=False, conv_bias=True)
+    "in_proj.weight": lambda d, e, n, k, r: (2 * e, d),
+    "conv1d.weight": lambda d, e, n, k, r: (e, 1, k),
+    "conv1d.bias": lambda d, e, n, k, r: (e,),
+    "x_proj.weight": lambda d, e, n, k, r: (r + 2 * n, e),
+    "dt_proj.weight": lambda d, e, n, k, r: (e, r),
+    "dt_proj.bias": lambda d, e, n, k, r: (e,),
+    "A_log": lambda d, e, n, k, r: (e, n),
+    "D": lambda d, e, n, k, r: (e,),
+    "out_proj.weight": lambda d, e, n, k, r: (d, e),
+}
 
-    u = torch.randn(2, 13, d_model, dtype=torch.float64)  # 13: not a power of two
-    # mambapy reads A_log and D in float32; the reference keeps float64, hence the tolerance.
-    torch.testing.assert_close(block(u), mamba_reference(block, u), rtol=1e-6, atol=1e-8)
+
+@pytest.mark.parametrize("d_model, d_state", [(16, 8), (40, 32)])
+def test_mamba_block_has_mamba_ssm_keys_init_and_maths(d_model, d_state):
+    torch.manual_seed(0)
+    d_conv, expand = 4, 2
+    block = mamba_blocks.MambaBlock(d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand)
+    d_inner, dt_rank = expand * d_model, math.ceil(d_model / 16)
+    expected = {key: shape(d_model, d_inner, d_state, d_conv, dt_rank)
+                for key, shape in MAMBA_SSM_SHAPES.items()}
+    assert {k: tuple(v.shape) for k, v in block.state_dict().items()} == expected
+    # mamba-ssm's init: S4D-real A, unit skip, dt_proj's weight within +-dt_rank^-1/2, its bias the
+    # inverse softplus of steps in [dt_min, dt_max] = [0.001, 0.1]
+    torch.testing.assert_close(block.A_log,
+                               torch.log(torch.arange(1.0, d_state + 1)).repeat(d_inner, 1))
+    assert torch.equal(block.D, torch.ones(d_inner))
+    assert block.dt_proj.weight.abs().max() <= dt_rank**-0.5
+    steps = F.softplus(block.dt_proj.bias)
+    assert 0.001 - 1e-6 <= steps.min() and steps.max() <= 0.1 + 1e-6
+    assert steps.max() / steps.min() > 10  # spread over the range, not one value
+
+    block = block.double()
+    for p in block.parameters():  # away from the init: every weight matters
+        p.data.add_(torch.randn_like(p), alpha=0.1)
+    u = torch.randn(2, 13, d_model, dtype=torch.float64)  # 13: not a multiple of a chunk
+    torch.testing.assert_close(block(u), mamba_reference(block, u), rtol=1e-12, atol=1e-12)
+
+
+def test_mamba_block_is_mambapy_block():
+    """Against mambapy's MambaBlock (mamba-ssm's architecture in PyTorch): a seed draws the same
+    weights (the same parameters, created in the same order), checkpoints load both ways, and the
+    same weights give the same outputs. mambapy computes A and D in float32 whatever the dtype,
+    hence the tolerance."""
+    mambapy = pytest.importorskip("mambapy.mamba")
+    config = mambapy.MambaConfig(d_model=24, n_layers=1, d_state=16, expand_factor=2, d_conv=4,
+                                 pscan=True)
+    torch.manual_seed(3)
+    theirs = mambapy.MambaBlock(config)
+    torch.manual_seed(3)
+    ours = mamba_blocks.MambaBlock(d_model=24, d_state=16, d_conv=4, expand=2)
+    assert theirs.state_dict().keys() == ours.state_dict().keys()
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+
+    for p in ours.parameters():
+        p.data.add_(torch.randn_like(p), alpha=0.1)
+    theirs.load_state_dict(ours.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    ours, theirs = ours.double(), theirs.double()
+    u = torch.randn(3, 21, 24, dtype=torch.float64)
+    torch.testing.assert_close(ours(u), theirs(u), rtol=1e-6, atol=1e-8)
+
+
+def test_mamba4rec_torch_backend_matches_the_reference_scan(make, monkeypatch):
+    """The whole model (loss, every gradient, full-sort scores) on the PyTorch scan and on the
+    step-by-step reference, same weights, float64."""
+    pytest.importorskip("triton")  # the reference lives beside the kernels
+    from kernels.selective_scan import selective_scan_ref
+
+    model, train_data, test_data = make("Mamba4Rec")
+    model = copy.deepcopy(model).double().eval()
+    batch, eval_batch = next(iter(train_data)), next(iter(test_data))[0]
+
+    def run():
+        model.zero_grad()
+        loss = model.calculate_loss(batch)
+        loss.backward()
+        with torch.no_grad():
+            scores = model.full_sort_predict(eval_batch)
+        return loss.detach(), scores, [p.grad.clone() for p in model.parameters()]
+
+    loss, scores, grads = run()
+    monkeypatch.setattr(mamba_blocks, "_kernels",
+                        lambda backend: (mamba_blocks._conv_silu_torch, selective_scan_ref))
+    ref_loss, ref_scores, ref_grads = run()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(scores, ref_scores, rtol=1e-12, atol=1e-12)
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+
+
+gpu = pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+    reason="needs CUDA and Triton",
+)
+
+
+def on_backend(model, backend: str):
+    """A copy of ``model`` on CUDA whose Mamba blocks run ``backend``, with the same weights."""
+    module = load_baseline("Mamba4Rec")
+    model = copy.deepcopy(model).cuda()
+    for layer in model.mamba_layers:
+        if backend == "cuda":  # mamba-ssm's own module, loaded from ours
+            block = module.build_mamba_block("cuda", model.hidden_size, model.d_state,
+                                             model.d_conv, model.expand).cuda()
+            block.load_state_dict(layer.mamba.state_dict())
+            layer.mamba = block
+        else:
+            layer.mamba.backend = backend
+    return model
+
+
+def loss_grads_scores(model, batch, eval_batch):
+    model.eval()  # no dropout: every backend computes the same function
+    model.zero_grad(set_to_none=True)
+    loss = model.calculate_loss(batch)
+    loss.backward()
+    with torch.no_grad():
+        scores = model.full_sort_predict(eval_batch)
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, scores
+
+
+@gpu
+def test_mamba4rec_backends_agree_on_gpu(make, monkeypatch):
+    """The whole model on each backend (float32, same weights) against the PyTorch scan in
+    float64: loss, every gradient, full-sort scores; mamba-ssm's compiled Mamba too where it
+    imports. (cuDNN's TF32 off: the PyTorch backend's convolution would round to it.)"""
+    from tests.numerics import rel_err
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+    model, train_data, test_data = make("Mamba4Rec")
+    batch, eval_batch = next(iter(train_data)).to("cuda"), next(iter(test_data))[0].to("cuda")
+    ref_loss, ref_grads, ref_scores = loss_grads_scores(on_backend(model, "torch").double(),
+                                                        batch, eval_batch)
+    backends = ["torch", "triton"]
+    if load_baseline("Mamba4Rec").cuda_backend_problem("cuda") is None:
+        backends.append("cuda")
+    for backend in backends:
+        loss, grads, scores = loss_grads_scores(on_backend(model, backend), batch, eval_batch)
+        assert rel_err(loss.double(), ref_loss) < 1e-5, backend
+        assert rel_err(scores.double(), ref_scores) < 1e-4, backend
+        assert grads.keys() == ref_grads.keys(), backend
+        for name, grad in grads.items():
+            assert rel_err(grad.double(), ref_grads[name]) < 1e-4, (backend, name)
+
+
+@gpu
+def test_mamba4rec_triton_step_replays_as_eager(make):
+    """The training step on the Triton backend is captured as a CUDA graph (pipeline/cuda_graph.py
+    lists Mamba4Rec as checked), and its replays give the eager steps' losses and gradients
+    (without dropout, whose draws are not what this checks)."""
+    from pipeline.cuda_graph import WARMUP_STEPS, GraphedStep
+    from tests.numerics import rel_err
+
+    model, train_data, _ = make("Mamba4Rec")
+    model = on_backend(model, "triton").train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    batches = [b for b in train_data if len(b) == 32][:WARMUP_STEPS + 4]  # train_batch_size
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    step = GraphedStep(model.calculate_loss, optimizer, batch_size=32)
+    for batch in batches[:WARMUP_STEPS + 1]:  # warm-up, then capture (and replay) on the last
+        step(batch)
+    assert step.graph is not None and not step.failed
+
+    twin = copy.deepcopy(model)
+    twin_optimizer = torch.optim.Adam(twin.parameters(), lr=1e-3, capturable=True)
+    twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    torch.cuda.manual_seed(123)
+    losses = [step(batch).clone() for batch in batches[WARMUP_STEPS + 1:]]
+    grads = [p.grad.clone() for p in model.parameters()]
+    torch.cuda.manual_seed(123)
+    for batch, loss in zip(batches[WARMUP_STEPS + 1:], losses):
+        twin_optimizer.zero_grad(set_to_none=True)
+        twin_loss = twin.calculate_loss(batch.to("cuda"))
+        twin_loss.backward()
+        twin_optimizer.step()
+        assert abs(loss.item() - twin_loss.item()) <= 1e-5 * abs(twin_loss.item())
+    for grad, p in zip(grads, twin.parameters(), strict=True):
+        assert rel_err(grad, p.grad) < 1e-4
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,16 +1,13 @@
 """This project's Triton kernels (kernels/) against their PyTorch references, on a CPU and a GPU."""
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from ssd import triton_unavailable_reason
+from tests.conftest import interpreted_errors
 from tests.kernel_checks import all_errors
 
 CHECKS = Path(__file__).with_name("kernel_checks.py")
@@ -20,11 +17,7 @@ CHECKS = Path(__file__).with_name("kernel_checks.py")
 def test_kernels_match_reference_in_float64_on_the_cpu():
     """Forward and gradients of each kernel, and the fused SSD block with the convolution, through
     Triton's interpreter (which must be chosen before triton is imported: a process of its own)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, str(CHECKS)], env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    errors = json.loads(done.stdout.strip().splitlines()[-1])
+    errors = interpreted_errors(CHECKS)
     assert len(errors) > 80
     assert all(err < 1e-12 for err in errors.values()), errors
 

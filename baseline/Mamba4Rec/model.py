@@ -13,37 +13,48 @@ position-wise feed-forward network:
 All LayerNorms use eps 1e-12. The output is the hidden state at the last real position, scored
 against every item embedding (tied). Right padding is harmless: the Mamba block is causal.
 
-Backends (``mamba_backend``), chosen once at construction and logged:
-    ``cuda``  mamba-ssm's ``Mamba`` with its compiled selective scan; CUDA only.
-    ``torch`` mambapy's ``MambaBlock`` (pure PyTorch, parallel scan); any device.
-    ``auto``  ``cuda`` when the model's device is CUDA and ``from mamba_ssm import Mamba`` works,
-              otherwise ``torch`` with a logged warning that says why.
-Both blocks hold the same parameters under the same state_dict keys (``in_proj.weight``,
+Backends (``mamba_backend``), chosen once at construction and logged with the reason:
+    ``cuda``    mamba-ssm's ``Mamba`` with its compiled selective scan; CUDA only.
+    ``triton``  this project's Mamba-1 block (:mod:`baseline.Mamba4Rec.mamba_block`) on its Triton
+                selective scan (:mod:`kernels.selective_scan`) and causal convolution; CUDA only.
+    ``torch``   the same block on the PyTorch selective scan (:mod:`baseline.Mamba4Rec.scan`);
+                any device.
+    ``auto``    ``cuda`` where the model runs on CUDA and ``from mamba_ssm import Mamba`` works,
+                else ``triton`` on CUDA, else ``torch``; a fallback on CUDA is logged as a warning.
+The blocks hold the same parameters under mamba-ssm's state_dict keys (``in_proj.weight``,
 ``conv1d.{weight,bias}``, ``x_proj.weight``, ``dt_proj.{weight,bias}``, ``A_log``, ``D``,
-``out_proj.weight``) and compute the same function, so a checkpoint from one loads in the other.
+``out_proj.weight``), drawn in the same order, and compute the same function, so a checkpoint of
+one backend (or of mambapy's ``MambaBlock``) loads in another.
 
 NOTE:
     1. As in the authors' code, the model-wide initialisation (normal(0, 0.02) for every Linear and
        Embedding weight, zero Linear biases) runs after the Mamba blocks are built, so it also
        overrides Mamba's own ``dt_proj`` initialisation (its bias, the inverse-softplus of a
        log-uniform step, becomes 0). ``A_log``, ``D`` and the convolution keep Mamba's init.
-    2. The ``torch`` backend materialises [B, L, 2D, d_state] scan tensors (about 1.7 GB each for
-       B 2048, L 50, D 64, d_state 32; a training step there peaked at about 25 GiB on one GPU):
-       without mamba-ssm's compiled kernels, use smaller batches for long sequences.
+    2. Memory: no backend materialises the [B, L, 2D, d_state] states of the scan. The Triton scan
+       keeps its inputs and the states at the ends of its chunks of steps for backward; the
+       PyTorch scan keeps only its inputs, and the PyTorch convolution only its input. Both
+       compute what they did not keep again in backward.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+from pathlib import Path
 
 import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.model.loss import BPRLoss
 from torch import nn
 
+from baseline.Mamba4Rec.mamba_block import MambaBlock
+from pipeline import compat
 from pipeline.scoring import ItemScoring
 
-MAMBA_BACKENDS = ("auto", "cuda", "torch")
+compat.apply()  # RecBole 1.2.1 on numpy 2 and pandas 3, in RecBole's own flow too
+
+MAMBA_BACKENDS = ("auto", "cuda", "triton", "torch")
 
 logger = logging.getLogger()  # RecBole logs through the root logger
 
@@ -61,20 +72,41 @@ def cuda_backend_problem(device) -> str | None:
     return None
 
 
+def triton_backend_problem(device) -> str | None:
+    """Why this project's Triton scan cannot run for ``device``; None when it can."""
+    if torch.device(device).type != "cuda":
+        return f"the model runs on '{device}' and the Triton scan needs CUDA"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    return None
+
+
 def select_backend(requested: str, device) -> str:
-    """Resolve ``mamba_backend`` to ``cuda`` or ``torch``; ``auto`` never falls back silently."""
+    """Resolve ``mamba_backend`` to ``cuda``, ``triton`` or ``torch``, and log which and why;
+    an explicit backend that cannot run is an error, never a fallback."""
     if requested not in MAMBA_BACKENDS:
         raise ValueError(f"mamba_backend must be one of {MAMBA_BACKENDS}, got {requested!r}")
     if requested == "torch":
+        logger.info("Mamba4Rec: the PyTorch selective scan (mamba_backend 'torch').")
         return "torch"
-    problem = cuda_backend_problem(device)
-    if problem is None:
-        return "cuda"
-    if requested == "cuda":
-        raise RuntimeError(f"mamba_backend 'cuda' was requested but {problem}")
-    logger.warning(
-        "Mamba4Rec: %s; falling back to the pure-PyTorch selective scan (mambapy).", problem
-    )
+    problems = {"cuda": cuda_backend_problem(device), "triton": triton_backend_problem(device)}
+    if requested != "auto":
+        if problems[requested] is not None:
+            raise RuntimeError(f"mamba_backend '{requested}' was requested but "
+                               f"{problems[requested]}")
+        logger.info("Mamba4Rec: the '%s' selective scan (requested).", requested)
+        return requested
+    for backend in ("cuda", "triton"):
+        if problems[backend] is None:
+            logger.info("Mamba4Rec: the '%s' selective scan (auto%s).", backend,
+                        "" if backend == "cuda" else f"; not 'cuda': {problems['cuda']}")
+            return backend
+    # On the CPU this is the designed path; on CUDA a fallback worth a warning.
+    log = logger.warning if torch.device(device).type == "cuda" else logger.info
+    log("Mamba4Rec: the PyTorch selective scan (auto; %s).",
+        "; ".join(f"not '{backend}': {problem}" for backend, problem in problems.items()))
     return "torch"
 
 
@@ -86,22 +118,7 @@ def build_mamba_block(
         from mamba_ssm import Mamba
 
         return Mamba(d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand)
-    try:
-        from mambapy.mamba import MambaBlock, MambaConfig
-    except ImportError as err:
-        raise ImportError(
-            "Mamba4Rec's torch backend needs mambapy: pip install mambapy==1.2.0"
-        ) from err
-    # n_layers is unused by a single MambaBlock; pscan selects the parallel (not sequential) scan.
-    config = MambaConfig(
-        d_model=d_model,
-        n_layers=1,
-        d_state=d_state,
-        expand_factor=expand,
-        d_conv=d_conv,
-        pscan=True,
-    )
-    return MambaBlock(config)
+    return MambaBlock(d_model, d_state=d_state, d_conv=d_conv, expand=expand, backend=backend)
 
 
 class FeedForward(nn.Module):
@@ -136,6 +153,8 @@ class MambaLayer(nn.Module):
 class Mamba4Rec(ItemScoring, SequentialRecommender):
     r"""Mamba-1 blocks with feed-forward layers (Liu et al., 2024); see the module docstring."""
 
+    defaults_file = Path(__file__).with_name("config.yaml")  # any setting a Config lacks
+
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         self.hidden_size = config["hidden_size"]
@@ -147,7 +166,6 @@ class Mamba4Rec(ItemScoring, SequentialRecommender):
         self.loss_type = config["loss_type"]
         self._check_config()
         self.backend = select_backend(config["mamba_backend"], self.device)
-        logger.info("Mamba4Rec: Mamba-1 blocks run on the '%s' backend.", self.backend)
 
         self.item_embedding = nn.Embedding(self.n_items, self.hidden_size, padding_idx=0)
         self.LayerNorm = nn.LayerNorm(self.hidden_size, eps=1e-12)
