@@ -149,9 +149,10 @@ def check_data(data: dict, dataset, path) -> None:
 
 
 def _resume_source(config_files, overrides: dict):
-    """The checkpoint a run resumes, from ``checkpoint_path`` in the overrides or the files."""
+    """The checkpoint a run resumes: ``checkpoint_path`` of the overrides, else of the last file
+    that sets it (later files win, as in the run's settings)."""
     path = overrides.get("checkpoint_path")
-    for config_file in config_files:
+    for config_file in reversed(list(config_files)):
         path = path or read_yaml(Path(config_file)).get("checkpoint_path")
     return Path(path).expanduser() if path else None
 
