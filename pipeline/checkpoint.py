@@ -26,6 +26,7 @@ dead run (removed) from one being written (kept).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import pickle
@@ -47,24 +48,24 @@ _MACHINE_KEYS = {"data_path", "checkpoint_dir", "checkpoint_path", "gpu_id", "us
 _MAGIC = (b"PK\x03\x04", b"\x80")
 
 
-def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}{TEMPORARY_SUFFIX}")
-
-
-def save(path: Path | str, payload: dict) -> None:
-    """Write ``payload`` (with the format marker) to ``path``, atomically and durably."""
+@contextlib.contextmanager
+def write_atomically(path: Path | str, mode: str = "wb"):
+    """``with write_atomically(path) as f``: write a file under a temporary name beside ``path``
+    (locked while written), flush it to disk and rename it to ``path``; on any error the temporary
+    file is removed, so ``path`` holds the previous file or the whole new one, never a mix. How
+    every output of the project is written (checkpoints, recommendations, embeddings)."""
     path = Path(path)
-    tmp = _temporary(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{TEMPORARY_SUFFIX}")
+    text = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, mode, **text) as f:
             fcntl.flock(f, fcntl.LOCK_EX)  # held until closed: the writer is alive
-            torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
     folder = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(folder)  # the rename itself reaches the disk
@@ -72,12 +73,18 @@ def save(path: Path | str, payload: dict) -> None:
         os.close(folder)
 
 
+def save(path: Path | str, payload: dict) -> None:
+    """Write ``payload`` (with the format marker) to ``path``, atomically and durably."""
+    with write_atomically(path) as f:
+        torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
+
+
 def remove_stale_temporaries(folder: Path | str, min_age_s: float = 60.0) -> list[Path]:
-    """Remove the temporary files of checkpoints whose writer died (killed while saving): those
-    nobody holds locked and older than ``min_age_s`` (a writer locks its file just after creating
-    it). Returns the removed paths."""
+    """Remove the temporary files (:func:`write_atomically`) whose writer died, killed while
+    writing: those nobody holds locked and older than ``min_age_s`` (a writer locks its file just
+    after creating it). Returns the removed paths."""
     removed = []
-    for tmp in Path(folder).glob(f".*.pth*{TEMPORARY_SUFFIX}"):
+    for tmp in Path(folder).glob(f".*.[0-9]*{TEMPORARY_SUFFIX}"):  # .NAME.PID.tmp
         try:
             if time.time() - tmp.stat().st_mtime < min_age_s:
                 continue

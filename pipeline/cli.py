@@ -207,6 +207,7 @@ def recommend_main(argv=None) -> None:
     """``recommend.py``: recommendations (a table, or CSV with --out), or the item embeddings."""
     def main():
         from pipeline import recommendations
+        from pipeline.checkpoint import write_atomically
         from pipeline.runlog import RunLog
 
         args, overrides = parse_recommend_args(argv)
@@ -226,7 +227,7 @@ def recommend_main(argv=None) -> None:
                 sequences=args.sequences, keep_seen=args.keep_seen, overrides=overrides,
                 allow_pickle=args.allow_pickle, progress=True)
             if args.out is not None:
-                with recommendations.write_atomically(args.out, "w") as f:
+                with write_atomically(args.out, "w") as f:
                     f.write(",".join(recommendations.COLUMNS) + "\n")
                     for frame in rows:
                         frame.to_csv(f, header=False, index=False, float_format="%.6f")

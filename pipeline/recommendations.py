@@ -20,7 +20,6 @@ held: each batch is reduced to its top k before the next is scored.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from collections.abc import Iterator
@@ -349,6 +348,8 @@ def export_embeddings(source, path, *, overrides: dict | None = None,
             loaded = load(source, overrides, allow_pickle=allow_pickle)
             data, tokens = loaded.checkpoint, loaded.dataset.field2id_token[
                 loaded.dataset.iid_field]
+    from pipeline.checkpoint import write_atomically
+
     weight = data["state_dict"].get("item_embedding.weight")
     if weight is None:
         raise UserError(f"{data['model']} has no item_embedding table to export")
@@ -368,18 +369,3 @@ def check_output(path: Path) -> None:
     if path.is_dir():
         raise UserError(f"output {path} is a folder")
     check_writable(folder, "output folder")
-
-
-@contextlib.contextmanager
-def write_atomically(path: Path, mode: str = "wb"):
-    """``with write_atomically(path) as f``: a file written under a temporary name beside ``path``
-    and renamed to it on success; removed on any error, so nothing half-written is left."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    text = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
-    try:
-        with open(tmp, mode, **text) as f:
-            yield f
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
