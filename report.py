@@ -117,7 +117,8 @@ def _row(model: str, label: str, group: list[dict], metrics: list[str]) -> str:
     times = [t for t in map(seconds_per_epoch, group) if t is not None]
     return (f"| {model} | {label or '-'} | {', '.join(str(r['seed']) for r in group)} | "
             + " | ".join(cells)
-            + f" | {mean_std(epochs, 1) if epochs else '-'} | {mean_std(times, 2) if times else '-'}"
+            + f" | {mean_std(epochs, 1) if epochs else '-'}"
+            + f" | {mean_std(times, 2) if times else '-'}"
             + f" | {group[0].get('parameters', '-'):,} |")
 
 

@@ -6,4 +6,5 @@ class UserError(Exception):
 
 
 class Terminated(BaseException):
-    """The process was asked to stop (SIGTERM): raised in the main thread, like KeyboardInterrupt."""
+    """The process was asked to stop (SIGTERM): raised in the main thread, as KeyboardInterrupt
+    is for Ctrl-C."""

@@ -59,7 +59,8 @@ OUTPUT_KEYS = ("checkpoint_dir", "log_dir", "tensorboard_dir")
 
 def check_writable(folder, setting: str) -> None:
     """UserError unless ``folder`` is a folder (existing, or one that can be made) where this
-    process can create files: tried, since permissions alone do not tell (root, read-only mounts)."""
+    process can create files: tried, since permissions alone do not tell (root, read-only
+    mounts)."""
     folder = Path(folder)
     existing = folder
     while not existing.exists() and existing != existing.parent:

@@ -9,8 +9,8 @@ Every key of this project's YAML files carries a RecBole-style comment::
 
 The type in parentheses and the ``Range:`` clause are the contract of the setting, and this module
 holds every run to them before anything is loaded, so the file that documents a setting also decides
-what it accepts. Types: int, float (an int is accepted), bool, str, list, dict, several joined by
-``or`` (``(str or bool)``); ``or None``, or a documented default of ``~``, also accepts None. Ranges: ``>= a``, ``> a``, ``<= a``, ``< a``,
+what it accepts. Types: int, float (an int is accepted), bool, str, list, dict, several joined
+by ``or`` (``(str or bool)``); ``or None``, or a documented default of ``~``, also accepts None. Ranges: ``>= a``, ``> a``, ``<= a``, ``< a``,
 intervals ``[a, b)`` (any brackets), or a list of choices (``'CE', 'BPR'`` or ``auto, True,
 False``). A range naming other settings (``(0, r_max)``, ``a multiple of n_heads``, ``a power of
 two``) is left to the model, which checks it when it is built.
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-_KEY_LINE = re.compile(r"^(?P<key>[A-Za-z_]\w*):(?P<value>[^#]*)#\s*\((?P<types>[a-z]+(?: or [A-Za-z]+)*)\)"
-                       r"(?P<text>.*)$")
+_KEY_LINE = re.compile(r"^(?P<key>[A-Za-z_]\w*):(?P<value>[^#]*)#\s*"
+                       r"\((?P<types>[a-z]+(?: or [A-Za-z]+)*)\)(?P<text>.*)$")
 _COMPARISON = re.compile(r"^(>=|>|<=|<)\s*(-?[\d.e+-]+)$")
 _INTERVAL = re.compile(r"^([\[(])\s*(-?[\d.e+-]+)\s*,\s*(-?[\d.e+-]+)\s*([\])])$")
 _CHOICE = re.compile(r"^'[^']*'$|^[A-Za-z_]\w*$")

@@ -1,8 +1,8 @@
 """What a user runs: train a model, evaluate a checkpoint, load one into its config, data and model.
 
-These are the functions behind ``run.py`` and ``test.py`` (and, with :mod:`pipeline.recommendations`,
-``recommend.py``), and the project's Python API (``from pipeline import train, evaluate, load,
-recommend``; see the README).
+These are the functions behind ``run.py`` and ``test.py`` (and, with
+:mod:`pipeline.recommendations`, ``recommend.py``), and the project's Python API (``from pipeline
+import train, evaluate, load, recommend``; see the README).
 """
 
 from __future__ import annotations

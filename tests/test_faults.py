@@ -220,7 +220,8 @@ def test_a_kill_while_saving_never_leaves_an_unreadable_checkpoint(tmp_path):
     path = tmp_path / "run.pth"
     rng = random.Random(0)
     for _ in range(20):
-        proc = subprocess.Popen([sys.executable, "-c", SAVER.format(root=str(ROOT), path=str(path))])
+        saver = SAVER.format(root=str(ROOT), path=str(path))
+        proc = subprocess.Popen([sys.executable, "-c", saver])
         deadline = time.time() + 60
         while not path.exists() and time.time() < deadline:
             time.sleep(0.01)
