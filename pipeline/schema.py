@@ -8,12 +8,13 @@ Every key of this project's YAML files carries a RecBole-style comment::
     train_neg_sample_args: ~        # (dict or None) No negative sampling ...
 
 The type in parentheses and the ``Range:`` clause are the contract of the setting, and this module
-holds every run to them before anything is loaded, so the file that documents a setting also decides
-what it accepts. Types: int, float (an int is accepted), bool, str, list, dict, several joined
-by ``or`` (``(str or bool)``); ``or None``, or a documented default of ``~``, also accepts None. Ranges: ``>= a``, ``> a``, ``<= a``, ``< a``,
-intervals ``[a, b)`` (any brackets), or a list of choices (``'CE', 'BPR'`` or ``auto, True,
-False``). A range naming other settings (``(0, r_max)``, ``a multiple of n_heads``, ``a power of
-two``) is left to the model, which checks it when it is built.
+holds every run to them before anything is loaded, so the file that documents a setting also
+decides what it accepts. Types: int, float (an int is accepted), bool, str, list, dict, several
+joined by ``or`` (``(str or bool)``); ``or None``, or a documented default of ``~``, also accepts
+None. Ranges: ``>= a``, ``> a``, ``<= a``, ``< a``, intervals ``[a, b)`` (any brackets), or a
+list of choices (``'CE', 'BPR'`` or ``auto, True, False``). A range naming other settings
+(``(0, r_max)``, ``a multiple of n_heads``, ``a power of two``) is left to the model, which
+checks it when it is built.
 
 :func:`unknown_key` tells whether a key is a setting at all, with the nearest known key as a hint.
 """
@@ -138,10 +139,11 @@ def schema_for(files) -> dict[str, Setting]:
     return schema
 
 
-def keys_of(path: Path) -> set[str]:
+@lru_cache(maxsize=None)
+def keys_of(path: Path) -> frozenset[str]:
     """Every top-level key of a YAML file, documented or not."""
     text = Path(path).read_text(encoding="utf-8")
-    return set(re.findall(r"^([A-Za-z_]\w*):", text, flags=re.MULTILINE))
+    return frozenset(re.findall(r"^([A-Za-z_]\w*):", text, flags=re.MULTILINE))
 
 
 def unknown_key(key: str, known) -> str:

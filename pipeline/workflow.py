@@ -37,7 +37,8 @@ class Loaded(NamedTuple):
     test_data: object
     checkpoint: dict  # the checkpoint as read (pipeline.checkpoint)
     path: Path
-    interactions: object  # every interaction after the filters (pandas: user, item, time ids)
+    interactions: object  # every interaction after the filters (pandas: user, item, time ids),
+    # or None where only metrics are computed (evaluate)
 
 
 def _seed_and_precision(config) -> None:
@@ -297,13 +298,14 @@ def load(path, overrides: dict | None = None, *, allow_pickle: bool = False) -> 
     return _load(path, read_checkpoint(path, allow_pickle), overrides)
 
 
-def _load(path: Path, data: dict, overrides: dict | None) -> Loaded:
+def _load(path: Path, data: dict, overrides: dict | None, keep_interactions: bool = True) -> Loaded:
     from pipeline.trainer import load_weights
 
     config, spec = build_config(data["model"], [], dict(overrides or {}),
                                 base=_saved_settings(data))
     _seed_and_precision(config)
-    dataset, train_data, valid_data, test_data, interactions = _load_data(config, True)
+    dataset, train_data, valid_data, test_data, interactions = _load_data(config,
+                                                                          keep_interactions)
     check_data(data, dataset, path)
     model = _build_model(spec, config, train_data.dataset)
     load_weights(model, data["state_dict"], path, changed_settings(data["config"], config))
@@ -320,7 +322,7 @@ def evaluate(path, overrides: dict | None = None, *, allow_pickle: bool = False,
     data = read_checkpoint(path, allow_pickle)
     log = RunLog({**data["config"], **(overrides or {})}.get("state"), quiet=quiet)
     try:
-        loaded = _load(path, data, overrides)
+        loaded = _load(path, data, overrides, keep_interactions=False)  # metrics need none
         config = loaded.config
         for key, value in environment(config["device"]).items():
             logger.info(f"{key:>12}: {value}")
