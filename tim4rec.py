@@ -23,8 +23,11 @@ from torch import nn
 
 from pipeline import ROOT, compat
 from pipeline.scoring import ItemScoring
-from ssd import (Packing, TimeAwareSSD, amp_backward, amp_forward, at_positions, cast,
-                 column_sums, resolve_backend, uses_triton, without_autocast)
+from ssd import TimeAwareSSD
+from ssd_ops.amp import amp_backward, amp_forward, cast, without_autocast
+from ssd_ops.backend import resolve_backend, uses_triton
+from ssd_ops.fused_block import column_sums
+from ssd_ops.packing import Packing, at_positions
 
 compat.apply()  # RecBole 1.2.1 on numpy 2 and pandas 3, in RecBole's own flow too (its docstring)
 logger = logging.getLogger(__name__)
@@ -214,7 +217,7 @@ class TiSSDLayer(nn.Module):
     and LayerNorm runs as one kernel too (:func:`dropout_add_layer_norm`). ``forward(x, tau, at)``
     with ``at`` [B] gives the layer's output at one position per sequence, [B D]: everything after
     the scan is position-wise, so it runs there only. With ``packing``, x [1 S D] holds the batch's
-    real positions (:class:`ssd.Packing`), and ``at`` is slots.
+    real positions (:class:`ssd_ops.packing.Packing`), and ``at`` is slots.
     """
 
     def __init__(self, d_model: int, dropout: float, norm_eps: float, residual: bool, is_ffn: bool,
@@ -267,7 +270,7 @@ class TiM4Rec(ItemScoring, SequentialRecommender):
         ``last_position_only: False`` computes every position, as upstream.
 
         The layers compute at the real positions only (``skip_padding: True``, the default): the
-        batch's sequences laid end to end without their padding (:class:`ssd.Packing`), the
+        batch's sequences laid end to end without their padding (:class:`ssd_ops.packing.Packing`), the
         convolution and the scan kept from crossing from one sequence to the next. Nothing at a
         real position reads a padded one there (the convolution and the scan are causal, the
         rest position-wise), so the scores and gradients are those of the padded batch; the time
@@ -311,8 +314,8 @@ class TiM4Rec(ItemScoring, SequentialRecommender):
     defaults_file = ROOT / "config" / "model" / "TiM4Rec.yaml"  # any setting a Config lacks
 
     # On the CPU, a batch is packed where at most this share of its positions is real: above
-    # it, the padded batch's faster convolution and one-chunk scan win (on two cores, packed
-    # against padded: 0.51 at 60% real, 0.78 at 70%, 1.09 at 80%: bench/cpu_packing.py).
+    # it, the padded batch's faster convolution and one-chunk scan win (BENCHMARKS.md, section
+    # "CPU: one training epoch on MovieLens-100K").
     CPU_PACK_BELOW = 0.65
 
     def __init__(self, config, dataset):
@@ -407,7 +410,7 @@ class TiM4Rec(ItemScoring, SequentialRecommender):
         return last(h, tau, at, packing)[0]
 
     def packing(self, item_seq_len, seqlen: int) -> Packing | None:
-        """How a batch's real positions are laid out (:class:`ssd.Packing`), or None for the
+        """How a batch's real positions are laid out (:class:`ssd_ops.packing.Packing`), or None for the
         padded batch: without ``skip_padding``; on a GPU outside :meth:`fixed_pack_size` (the
         packing's size would be read from the GPU, and the host would wait for it); on the CPU,
         where more than ``CPU_PACK_BELOW`` of the batch's positions are real."""

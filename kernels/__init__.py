@@ -1,4 +1,9 @@
-"""Triton kernels of this project, each beside its PyTorch reference (imported on a GPU only)."""
+"""Triton kernels of this project, each beside its PyTorch reference.
+
+The kernel modules import Triton (a GPU install); the ``*_ref`` modules (the causal convolution's,
+the gated RMSNorm's) import only PyTorch: the CPU path runs them, and the tests hold the kernels to
+them.
+"""
 
 import torch
 
@@ -22,6 +27,12 @@ def row_blocks(what: str, rows: int, width: int, block_elements: int) -> tuple[i
     block_n = 1 << (width - 1).bit_length()  # the next power of two
     block_m = max(1, block_elements // block_n)
     return -(-rows // block_m), block_m, block_n
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype that the PyTorch references compute in: float32 for half inputs (as the kernels
+    accumulate), float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def accumulation_dtypes(dtype: torch.dtype) -> tuple:

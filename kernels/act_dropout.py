@@ -91,7 +91,8 @@ def act_dropout_bwd(dout, pre, p: float, seed, activation: str = "hardswish",
     one tensor the size of the hidden layer less at the FFN's backward."""
     grid, constants = _launch(pre, p, activation)
     if dout.shape != pre.shape:
-        raise ValueError(f"dout must be shaped like pre {tuple(pre.shape)}, got {tuple(dout.shape)}")
+        raise ValueError(f"dout must be shaped like pre {tuple(pre.shape)}, "
+                         f"got {tuple(dout.shape)}")
     dout = dout.contiguous()
     dpre = dout if overwrite_dout else torch.empty_like(pre)
     out = torch.empty_like(pre) if recompute_output else None

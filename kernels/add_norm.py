@@ -3,10 +3,10 @@
 ``y = LayerNorm(dropout(x) + residual)`` over the last axis of [.. N] rows. Each TiM4Rec layer ends
 so twice (after the SSD block and after the FFN). As PyTorch modules that is a dropout (a mask
 and a product), an addition and a LayerNorm, each a pass over the tensors forward and backward,
-and PyTorch's LayerNorm kernels are slow at N = 64 (4.8 ms of a 46 ms step at batch 2048, L 200 on
-an H100). mamba-ssm's fused ``layer_norm_fn`` does the same maths with one row per program, which
-leaves its backward bound by latency at this width (2 ms a call there: BENCHMARKS.md). These
-kernels take a block of rows per program and pass over each tensor once:
+and PyTorch's LayerNorm kernels are slow at N = 64. mamba-ssm's fused ``layer_norm_fn`` does the
+same maths with one row per program, which leaves its backward bound by latency at this width
+(BENCHMARKS.md, section "fused layer ends and FFN, in_proj computed again"). These kernels take a
+block of rows per program and pass over each tensor once:
 
 - :func:`dropout_add_norm` forward keeps ``s = dropout(x) + residual`` and each row's mean and
   1/std; the dropout mask is drawn again in backward from the call's seed (:mod:`kernels.dropout`);

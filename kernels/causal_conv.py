@@ -3,8 +3,9 @@
 TiM4Rec's in_proj writes x, B and C as [B L C] rows, and mamba-ssm's scan reads them so. PyTorch's
 depthwise ``conv1d`` wants [B C L]: with it, every pass (forward, the recomputation in backward, the
 backward itself) adds transposed copies of the whole tensor, and its depthwise kernels are slow at
-this size (8 ms of a 60 ms step at L 200, batch 2048, on an H100). These two kernels read and write
-the [B L C] layout directly, with any row stride (in_proj's output is read in place):
+this size (BENCHMARKS.md, section "the SSD block as one autograd node, a Triton convolution").
+These two kernels read and write the [B L C] layout directly, with any row stride (in_proj's output
+is read in place):
 
 - :func:`causal_conv_act`: ``act(b_c + sum_k w_ck x_{t-K+1+k, c})``, zero before the first step
   (with ``seq_idx``, sequences laid end to end: zero before the first step of each);
@@ -19,16 +20,15 @@ The kernels compute in float32 (float64 for float64 x) whatever the weights' dty
 dtype: under autocast, in_proj's bfloat16 output in, bfloat16 out, float32 weight and bias
 gradients.
 
-The reference is :func:`causal_conv_act_ref` (PyTorch, differentiated by autograd); the tests hold
-both kernels to it in float64 (Triton's interpreter, on the CPU), in float32 on a GPU, and with
-bfloat16 x. Weight and bias gradients are summed per block of steps, then over blocks by PyTorch:
-no atomics, the same result on every run.
+The reference is :func:`kernels.causal_conv_ref.causal_conv_act_ref` (PyTorch, differentiated by
+autograd); the tests hold both kernels to it in float64 (Triton's interpreter, on the CPU), in
+float32 on a GPU, and with bfloat16 x. Weight and bias gradients are summed per block of steps,
+then over blocks by PyTorch: no atomics, the same result on every run.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -226,19 +226,3 @@ class _CausalConvAct(torch.autograd.Function):
 def causal_conv_act_fn(x, weight, bias, activation: str = "hardswish"):
     """:func:`causal_conv_act` with its backward for autograd (x, weight and bias)."""
     return _CausalConvAct.apply(x, weight, bias, activation)
-
-
-def causal_conv_act_ref(x, weight, bias, activation: str = "hardswish", seq_idx=None):
-    """The reference: PyTorch's conv1d on [B C L] with K - 1 zeros in front, then the activation;
-    with ``seq_idx``, each sequence of a row on its own (:func:`ssd.causal_conv1d`)."""
-    width = weight.shape[-1]
-    if seq_idx is not None:
-        from ssd import causal_conv1d
-
-        y = causal_conv1d(x.transpose(1, 2), weight.reshape(weight.shape[0], 1, width), bias,
-                          seq_idx)
-        return (F.hardswish(y) if activation == "hardswish" else F.silu(y)).transpose(1, 2)
-    weight = weight.reshape(weight.shape[0], 1, width)
-    y = F.conv1d(F.pad(x.transpose(1, 2), (width - 1, 0)), weight, bias, groups=x.shape[-1])
-    y = F.hardswish(y) if activation == "hardswish" else F.silu(y)
-    return y.transpose(1, 2)

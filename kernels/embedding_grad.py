@@ -2,9 +2,10 @@
 
 ``grad_weight[i] = sum of grad[t] over the positions t with indices[t] == i``, and zero at
 ``padding_idx``. PyTorch computes it without atomics: it sorts the indices, then sums each run of
-equal indices in parts, and sums the parts. At TiM4Rec's training sizes (409,600 positions of a
-few thousand items, a large share of them padding) the summing kernel alone takes 1.7 ms of a 39
-ms step on an H100, held back by the long runs (padding, popular items) that it sums in series.
+equal indices in parts, and sums the parts. At TiM4Rec's training sizes (hundreds of thousands of
+positions of a few thousand items, a large share of them padding) its summing kernel is held back
+by the long runs (padding, popular items) that it sums in series (BENCHMARKS.md, section "the item
+embedding's gradient, the gated norm, memory at the peaks").
 This kernel adds each position's row into the table with atomic additions, skipping padding: one
 pass over ``grad``. The order of the additions varies from run to run, so the result does in its
 last bits; :func:`embedding_grad` leaves the work to PyTorch when deterministic algorithms are

@@ -2,20 +2,20 @@
 
 ``out = g / rms(g) * weight`` with ``g = y * silu(z)``, over the last axis of [M E] rows (one group:
 ``RMSNormGated(E, norm_before_gate=False)`` of mamba-ssm). mamba-ssm's own kernels take one row per
-program; at TiM4Rec's widths (E = 128 at 64d) its backward then moves data at under half of an
-H100's bandwidth (0.88 ms a call at batch 2048, L 200: BENCHMARKS.md). These take a block of rows
-per program and pass over each tensor once:
+program, which leaves its backward far from the memory bandwidth at TiM4Rec's widths (E = 128 at
+64d; BENCHMARKS.md, section "the item embedding's gradient, the gated norm, memory at the peaks").
+These take a block of rows per program and pass over each tensor once:
 
 - :func:`gated_rms_norm` writes ``out`` and each row's ``1/rms``;
 - :func:`gated_rms_norm_bwd` writes the gradients of y and z and ``out`` again (out_proj's weight
-  gradient needs it, and :class:`ssd.FusedSSDBlock` does not keep it); the weight's gradient is
-  summed per block of rows, then over blocks by PyTorch: no atomics.
+  gradient needs it, and :class:`ssd_ops.fused_block.FusedSSDBlock` does not keep it); the
+  weight's gradient is summed per block of rows, then over blocks by PyTorch: no atomics.
 
 The statistics and the products are float32 (float64 for float64 rows); ``out`` and the gradients
 of y and z are in y's dtype (bfloat16 under autocast), the weight's in its own.
 
-The reference is :func:`ssd.gated_rmsnorm_ref`; the tests hold both passes to it in float64
-(Triton's interpreter, on the CPU), in float32 on a GPU, and with bfloat16 rows.
+The reference is :func:`kernels.gated_norm_ref.gated_rmsnorm_ref`; the tests hold both passes to it
+in float64 (Triton's interpreter, on the CPU), in float32 on a GPU, and with bfloat16 rows.
 """
 
 from __future__ import annotations

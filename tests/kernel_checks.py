@@ -28,8 +28,8 @@ SHAPES = [(3, 37, 70, 4, "hardswish", 90), (2, 5, 8, 2, "silu", 9), (2, 70, 130,
 
 def conv_errors(device: str, dtype: torch.dtype) -> dict:
     """The causal convolution: output and the three gradients of each shape."""
-    from kernels.causal_conv import (causal_conv_act, causal_conv_act_bwd, causal_conv_act_fn,
-                                     causal_conv_act_ref)
+    from kernels.causal_conv import causal_conv_act, causal_conv_act_bwd, causal_conv_act_fn
+    from kernels.causal_conv_ref import causal_conv_act_ref
 
     errors = {}
     for batch, length, channels, width, activation, stride in SHAPES:
@@ -82,12 +82,13 @@ def fused_block_errors(device: str, dtype: torch.dtype) -> dict:
     import ssd
     from kernels.causal_conv import causal_conv_act, causal_conv_act_bwd, causal_conv_act_fn
     from kernels.gated_norm import gated_rms_norm, gated_rms_norm_bwd
+    from ssd_ops.block_kernels import torch_block_kernels
     from tests.test_ssd import block_outputs_and_grads
 
     def norm_bwd(dout, y, z, weight, eps, rstd, dz):
         return gated_rms_norm_bwd(dout, y, z, weight, rstd, dz)
 
-    kernels = ssd.torch_block_kernels()._replace(
+    kernels = torch_block_kernels()._replace(
         conv_fwd=causal_conv_act, conv_bwd=causal_conv_act_bwd, conv=causal_conv_act_fn,
         norm_fwd=gated_rms_norm, norm_bwd=norm_bwd)
     torch.manual_seed(0)
@@ -221,7 +222,7 @@ def gated_norm_errors(device: str, dtype: torch.dtype) -> dict:
     """The gated RMSNorm: output, the three gradients and the output computed again in backward,
     against the reference differentiated by autograd."""
     from kernels.gated_norm import gated_rms_norm, gated_rms_norm_bwd
-    from ssd import gated_rmsnorm_ref
+    from kernels.gated_norm_ref import gated_rmsnorm_ref
 
     errors = {}
     for rows, width, eps in GATED_NORM_CASES:
@@ -313,11 +314,12 @@ def bf16_kernel_errors(device: str) -> dict:
     (asserted), ``{name: [error, tolerance]}``."""
     from kernels.act_dropout import act_dropout, act_dropout_bwd, act_dropout_ref
     from kernels.add_norm import dropout_add_norm, dropout_add_norm_ref
-    from kernels.causal_conv import causal_conv_act, causal_conv_act_bwd, causal_conv_act_ref
+    from kernels.causal_conv import causal_conv_act, causal_conv_act_bwd
+    from kernels.causal_conv_ref import causal_conv_act_ref
     from kernels.dropout import draw_seed, dropout_mask
     from kernels.embedding_grad import embedding_grad, embedding_grad_ref
     from kernels.gated_norm import gated_rms_norm, gated_rms_norm_bwd
-    from ssd import gated_rmsnorm_ref
+    from kernels.gated_norm_ref import gated_rmsnorm_ref
 
     f32, errors = torch.float32, {}
     g = torch.Generator().manual_seed(0)
@@ -422,6 +424,7 @@ def bf16_model_errors(device: str) -> dict:
     from kernels.causal_conv import causal_conv_act, causal_conv_act_bwd, causal_conv_act_fn
     from kernels.dropout import draw_seed, dropout_mask
     from kernels.gated_norm import gated_rms_norm, gated_rms_norm_bwd
+    from ssd_ops.block_kernels import torch_block_kernels
     from tests.test_ssd import block_outputs_and_grads
     from tim4rec import FeedForward
 
@@ -435,7 +438,7 @@ def bf16_model_errors(device: str) -> dict:
         return ran
 
     f32, errors = torch.float32, {}
-    kernels = ssd.torch_block_kernels()._replace(
+    kernels = torch_block_kernels()._replace(
         conv_fwd=causal_conv_act, conv_bwd=causal_conv_act_bwd, conv=causal_conv_act_fn,
         norm_fwd=gated_rms_norm, norm_bwd=norm_bwd)
     for is_time, with_at in ((True, False), (False, True)):

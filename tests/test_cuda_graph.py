@@ -14,7 +14,7 @@ from pipeline.cuda_graph import (
     reset_capturable,
     unsupported_reason,
 )
-from ssd import triton_unavailable_reason
+from ssd_ops.backend import triton_unavailable_reason
 from tests.numerics import rel_err
 from tests.test_model import N_ITEMS, FakeDataset, make_config
 from tim4rec import TiM4Rec

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssd import triton_unavailable_reason
+from ssd_ops.backend import triton_unavailable_reason
 from tests.conftest import interpreted_errors
 from tests.kernel_checks import all_errors
 

@@ -19,8 +19,11 @@ import torch
 from torch import nn
 
 import ssd
+from kernels.gated_norm_ref import gated_rmsnorm_ref
 from pipeline import precision
 from pipeline.errors import UserError
+from ssd_ops.backend import triton_unavailable_reason
+from ssd_ops.block_kernels import torch_block_kernels
 from tests.numerics import rel_err
 from tests.test_model import N_ITEMS, FakeDataset, make_batch, make_config, make_model
 from tests.test_ssd import block_outputs_and_grads, random_inputs
@@ -156,8 +159,8 @@ def test_float32_parts_round_only_their_result():
     y, z = (torch.randn(37, 128, generator=g).to(BF16) for _ in range(2))
     weight = torch.randn(128, generator=g)
     with torch.autocast("cpu", dtype=BF16):
-        out = ssd.gated_rmsnorm_ref(y, z, weight, 1e-5)
-    exact = ssd.gated_rmsnorm_ref(y.double(), z.double(), weight.double(), 1e-5)
+        out = gated_rmsnorm_ref(y, z, weight, 1e-5)
+    exact = gated_rmsnorm_ref(y.double(), z.double(), weight.double(), 1e-5)
     assert out.dtype == BF16 and rel_err(out.double(), exact.to(BF16).double()) < 5e-4
 
     torch.manual_seed(0)
@@ -198,7 +201,7 @@ def test_fused_node_under_autocast_equals_the_module_path(is_time, with_at):
     plain_out, plain = block_outputs_and_grads(
         block, u, tau, in_autocast(lambda u, tau: block(u, tau, at)))
     fused_out, fused = block_outputs_and_grads(block, u, tau, in_autocast(
-        lambda u, tau: block.forward_fused(u, tau, ssd.torch_block_kernels(), at)))
+        lambda u, tau: block.forward_fused(u, tau, torch_block_kernels(), at)))
     assert plain_out.dtype == fused_out.dtype == BF16
     assert rel_err(fused_out.double(), plain_out.double()) < 2**-8
     assert fused.keys() == plain.keys()
@@ -348,7 +351,7 @@ def test_autocast_of_the_trainer_is_bfloat16():
 # ------------------------------------------------------------------------------------- the GPU
 
 cuda = pytest.mark.skipif(
-    not torch.cuda.is_available() or ssd.triton_unavailable_reason() is not None,
+    not torch.cuda.is_available() or triton_unavailable_reason() is not None,
     reason="needs CUDA and mamba-ssm's Triton kernels")
 
 

@@ -5,8 +5,8 @@ import torch
 import yaml
 
 from pipeline import ROOT
-from ssd import Packing
-from ssd import triton_unavailable_reason as ssd_triton_reason
+from ssd_ops.backend import triton_unavailable_reason as ssd_triton_reason
+from ssd_ops.packing import Packing
 from tests.numerics import rel_err
 from tests.upstream_reference import upstream_keys, upstream_scores
 from tim4rec import TiM4Rec

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline import autotune, precompile
-from ssd import triton_unavailable_reason
+from ssd_ops.backend import triton_unavailable_reason
 from tests.numerics import rel_err
 from tests.test_cuda_graph import batch_of
 from tests.test_model import FakeDataset, make_config

@@ -4,6 +4,11 @@ import pytest
 import torch
 
 import ssd
+from kernels.causal_conv_ref import causal_conv1d, conv_less_crossings, conv_masked
+from kernels.gated_norm_ref import gated_rmsnorm_ref
+from ssd_ops.backend import resolve_backend, triton_unavailable_reason
+from ssd_ops.block_kernels import torch_block_kernels
+from ssd_ops.packing import Packing, at_positions
 from tests.numerics import rel_err
 
 F64 = torch.float64
@@ -113,7 +118,7 @@ def test_chunked_scan_with_seq_idx_scans_each_sequence_alone(sequences, chunk_si
 
 
 @pytest.mark.parametrize("sequences", SEQUENCES)
-@pytest.mark.parametrize("conv", [ssd.conv_masked, ssd.conv_less_crossings])
+@pytest.mark.parametrize("conv", [conv_masked, conv_less_crossings])
 def test_causal_conv_with_seq_idx_convolves_each_sequence_alone(conv, sequences):
     """Both ways of keeping the convolution within each sequence: the values and gradients of
     convolving each sequence alone."""
@@ -125,7 +130,7 @@ def test_causal_conv_with_seq_idx_convolves_each_sequence_alone(conv, sequences)
     dout = torch.randn(2, 37, 6, generator=g, dtype=F64)
     out = conv(x.transpose(1, 2), weight, bias, seq_idx).transpose(1, 2)  # seen as [B C L]
     alone = each_sequence_alone(
-        lambda x: ssd.causal_conv1d(x.transpose(1, 2), weight, bias).transpose(1, 2),
+        lambda x: causal_conv1d(x.transpose(1, 2), weight, bias).transpose(1, 2),
         {"x": x}, seq_idx)
     assert torch.allclose(out, alone, rtol=1e-13, atol=1e-13)
     for grad, ref in zip(torch.autograd.grad(out, (x, weight, bias), dout),
@@ -135,19 +140,19 @@ def test_causal_conv_with_seq_idx_convolves_each_sequence_alone(conv, sequences)
 
 def test_packing_lays_real_positions_end_to_end_in_rows():
     lengths = torch.tensor([3, 1, 4])
-    packing = ssd.Packing.of(lengths, seqlen=5, size=10)  # one row of 10 + 4 slots
+    packing = Packing.of(lengths, seqlen=5, size=10)  # one row of 10 + 4 slots
     assert packing.rows.tolist() == [0, 1, 2, 5, 10, 11, 12, 13] + [0] * 6  # [B*L] rows
     assert packing.seq_idx.tolist() == [[0, 0, 0, 1, 2, 2, 2, 2] + [3] * 6]  # filler: B
     assert packing.last.tolist() == [2, 3, 7]
     x = torch.arange(15.0).view(3, 5)
     assert packing.pack(x).tolist() == [[0, 1, 2, 5, 10, 11, 12, 13] + [0] * 6]
-    exact = ssd.Packing.of(lengths, seqlen=5, size=8)  # 8 slots, and 4 for one that runs over
+    exact = Packing.of(lengths, seqlen=5, size=8)  # 8 slots, and 4 for one that runs over
     assert exact.rows.tolist() == packing.rows[:12].tolist() and exact.seq_idx.shape == (1, 12)
 
     # two rows of 5 nominal slots: the second sequence starts in row 0 and runs into its extra
     # slots; the third starts in row 1 (stream position 7, slot 2 of that row)
     lengths = torch.tensor([3, 4, 2])
-    packing = ssd.Packing.of(lengths, seqlen=5, size=9, row_slots=5)
+    packing = Packing.of(lengths, seqlen=5, size=9, row_slots=5)
     assert packing.seq_idx.tolist() == [[0, 0, 0, 1, 1, 1, 1, 3, 3], [3, 3, 2, 2] + [3] * 5]
     assert packing.rows.tolist() == [0, 1, 2, 5, 6, 7, 8, 0, 0, 0, 0, 10, 11] + [0] * 5
     assert packing.last.tolist() == [2, 6, 12]
@@ -190,12 +195,12 @@ def test_dispatch_torch_and_unknown_backend():
 
 
 def test_resolve_backend_never_silent_on_cpu():
-    assert ssd.resolve_backend("auto", "cpu") == "torch"
-    assert ssd.resolve_backend("torch", "cpu") == "torch"
+    assert resolve_backend("auto", "cpu") == "torch"
+    assert resolve_backend("torch", "cpu") == "torch"
     with pytest.raises(ValueError, match="triton cannot run"):
-        ssd.resolve_backend("triton", "cpu")
+        resolve_backend("triton", "cpu")
     with pytest.raises(ValueError, match="ssd_backend"):
-        ssd.resolve_backend("fast", "cpu")
+        resolve_backend("fast", "cpu")
 
 
 @pytest.mark.parametrize("norm_before_gate", [False, True])
@@ -207,7 +212,7 @@ def test_gated_rmsnorm_reference(norm_before_gate):
     v = x if norm_before_gate else x * gate
     expected = v / torch.sqrt((v ** 2).sum(-1, keepdim=True) / 16 + 1e-6) * w
     expected = expected * gate if norm_before_gate else expected
-    out = ssd.gated_rmsnorm_ref(x, z, w, 1e-6, norm_before_gate)
+    out = gated_rmsnorm_ref(x, z, w, 1e-6, norm_before_gate)
     assert torch.allclose(out, expected, rtol=1e-13, atol=0)
     module = ssd.GatedRMSNorm(16, eps=1e-6, norm_before_gate=norm_before_gate).double()
     module.weight.data.copy_(w)
@@ -308,7 +313,7 @@ def test_fused_block_equals_the_module_path(is_time, bias, chunk_size):
     block.eval()  # no dropout in the time branch: both runs see the same values
     plain_out, plain = block_outputs_and_grads(block, u, tau, block)
     fused_out, fused = block_outputs_and_grads(
-        block, u, tau, lambda u, tau: block.forward_fused(u, tau, ssd.torch_block_kernels()))
+        block, u, tau, lambda u, tau: block.forward_fused(u, tau, torch_block_kernels()))
     assert torch.allclose(fused_out, plain_out, rtol=1e-12, atol=1e-13)
     assert fused.keys() == plain.keys() and len(plain) == sum(
         p.requires_grad for p in block.parameters()) + (2 if is_time else 1)
@@ -320,7 +325,7 @@ def read_at(run, at):
     """``run`` (a block's forward) computing every position, its output read at ``at``."""
     def read(u, tau):
         out, tau_next = run(u, tau)
-        return ssd.at_positions(out, at), tau_next
+        return at_positions(out, at), tau_next
     return read
 
 
@@ -342,7 +347,7 @@ def test_block_output_at_positions_equals_every_position_read_there(path, is_tim
     def run(u, tau, at=None):
         if path == "modules":
             return block(u, tau, at)
-        return block.forward_fused(u, tau, ssd.torch_block_kernels(), at)
+        return block.forward_fused(u, tau, torch_block_kernels(), at)
 
     every_out, every = block_outputs_and_grads(block, u, tau, read_at(run, at))
     at_out, at_grads = block_outputs_and_grads(block, u, tau, lambda u, tau: run(u, tau, at))
@@ -366,7 +371,7 @@ def test_packed_block_equals_the_padded_block_at_real_positions(path, is_time, b
     for p in block.parameters():
         p.data.add_(torch.randn_like(p), alpha=0.1)
     lengths = torch.tensor([12, 1, 5, 9])
-    packing = ssd.Packing.of(lengths, 12, size=32, row_slots=10)  # 27 real positions, 4 rows
+    packing = Packing.of(lengths, 12, size=32, row_slots=10)  # 27 real positions, 4 rows
     u = torch.randn(4, 12, 16, dtype=F64, requires_grad=True)
     tau = torch.randn(4, block.nheads, 12, dtype=F64, requires_grad=True) if is_time else None
     real = packing.seq_idx.flatten() < 4
@@ -374,11 +379,11 @@ def test_packed_block_equals_the_padded_block_at_real_positions(path, is_time, b
     def run(u, tau, packing=None, at=None):
         if path == "modules":
             return block(u, tau, at, packing)
-        return block.forward_fused(u, tau, ssd.torch_block_kernels(), at, packing)
+        return block.forward_fused(u, tau, torch_block_kernels(), at, packing)
 
     def padded(u, tau):
         out, tau_next = run(u, tau)
-        out = packing.pack(out)[:, real] if not with_at else ssd.at_positions(out, lengths - 1)
+        out = packing.pack(out)[:, real] if not with_at else at_positions(out, lengths - 1)
         return out, tau_next
 
     def packed(u, tau):
@@ -407,7 +412,7 @@ def test_block_rejects_bad_shapes_at_construction(kwargs, message):
 # ---------------------------------------------------------------------------------- GPU (Triton)
 
 cuda = pytest.mark.skipif(
-    not torch.cuda.is_available() or ssd.triton_unavailable_reason() is not None,
+    not torch.cuda.is_available() or triton_unavailable_reason() is not None,
     reason="needs CUDA and mamba-ssm's Triton kernels")
 
 
@@ -434,7 +439,7 @@ def test_triton_gated_rmsnorm_matches_reference():
     x, z = torch.randn(2, 50, 128, device="cuda"), torch.randn(2, 50, 128, device="cuda")
     module = ssd.GatedRMSNorm(128, eps=1e-12, backend="triton").cuda()
     module.weight.data.normal_()
-    ref = ssd.gated_rmsnorm_ref(x.double(), z.double(), module.weight.double(), 1e-12)
+    ref = gated_rmsnorm_ref(x.double(), z.double(), module.weight.double(), 1e-12)
     assert rel_err(module(x, z).double(), ref) < 1e-5
 
 
@@ -484,14 +489,14 @@ def test_packed_triton_block_matches_the_padded_modules(fused, is_time, hidden, 
         p.data.add_(torch.randn_like(p), alpha=0.05)
     lengths = torch.randint(1, 201, (16,), device="cuda")
     lengths[0] = 200
-    packing = ssd.Packing.of(lengths, 200, size=int(lengths.sum()) + 100)
+    packing = Packing.of(lengths, 200, size=int(lengths.sum()) + 100)
     real = packing.seq_idx.flatten() < 16
     u = torch.randn(16, 200, hidden, device="cuda", requires_grad=True)
     tau = torch.randn(16, block.nheads, 200, device="cuda", requires_grad=True) if is_time else None
 
     def padded(u, tau):
         out, tau_next = block(u, tau)
-        out = ssd.at_positions(out, lengths - 1) if with_at else packing.pack(out)[:, real]
+        out = at_positions(out, lengths - 1) if with_at else packing.pack(out)[:, real]
         return out, tau_next
 
     def packed(u, tau):

@@ -52,7 +52,8 @@ from torch import nn
 
 from pipeline import compat
 from pipeline.scoring import ItemScoring
-from ssd import TimeAwareSSD, resolve_backend
+from ssd import TimeAwareSSD
+from ssd_ops.backend import resolve_backend
 from tim4rec import TiSSDLayer
 
 compat.apply()  # RecBole 1.2.1 on numpy 2 and pandas 3, in RecBole's own flow too

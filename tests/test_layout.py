@@ -1,0 +1,153 @@
+"""The project's layout: no import cycle between its modules, and no source file too long to read.
+
+Every Python file of the repository is read with ``ast`` (nothing is imported): the root's own,
+those of its packages (pipeline/, kernels/, ssd_ops/, tests/), of the baselines (baseline/<Name>/),
+of bench/ and of dataset/. Each import, at module level or inside a function, that names one of
+these modules is an edge. A folder without ``__init__.py`` (bench/, dataset/, baseline/<Name>/)
+holds scripts, which import one another by bare name (``from gpu_speed import ...``): their own
+folder is on ``sys.path``, after the root. Imports made from strings (``importlib``) are not seen.
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_LINES = 500
+NOT_SOURCE = {"__pycache__", "saved", "log", "log_tensorboard", "config"}  # run outputs, YAML
+
+
+def project_files() -> list[Path]:
+    """Every Python file of the project, relative to the root; hidden folders, run outputs and
+    prepared datasets (dataset/<name>/) left out."""
+    files = []
+    for folder, dirs, names in os.walk(ROOT):
+        here = Path(folder).relative_to(ROOT)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in NOT_SOURCE
+                         and here != Path("dataset"))
+        files += [here / name for name in sorted(names) if name.endswith(".py")]
+    return files
+
+
+def module_name(path: Path) -> str:
+    """``pipeline/autotune.py`` -> ``pipeline.autotune``; a package's ``__init__.py``: its
+    name."""
+    parts = path.with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def is_package(folder: Path) -> bool:
+    return (ROOT / folder / "__init__.py").exists()
+
+
+def imported(node: ast.Import | ast.ImportFrom, path: Path, modules: dict) -> list[str]:
+    """The project modules that ``node``, in the file ``path``, loads (its last named module:
+    ``import a.b`` loads a.b, ``from a import b`` the submodule a.b or else a)."""
+    if isinstance(node, ast.Import):
+        names = [alias.name for alias in node.names]
+        targets = [[".".join(n.split(".")[:k]) for k in range(n.count(".") + 1, 0, -1)]
+                   for n in names]
+    else:
+        base = node.module or ""
+        if node.level:  # relative: from the file's package, up level - 1 packages
+            package = module_name(path).split(".")
+            package = package if path.name == "__init__.py" else package[:-1]
+            package = package[:len(package) - (node.level - 1)]
+            base = ".".join([*package, base] if base else package)
+        targets = [[f"{base}.{alias.name}" if base else alias.name, base]
+                   for alias in node.names]
+    folder = path.parent
+    beside = (folder != Path(".") and not is_package(folder)
+              and (isinstance(node, ast.Import) or not node.level))  # a script's bare names
+    found = []
+    for candidates in targets:
+        for name in candidates:
+            options = [name, ".".join((*folder.parts, name))] if beside else [name]
+            match = next((m for m in options if m in modules), None)
+            if match is not None:
+                found.append(match)
+                break
+    return found
+
+
+def import_graph() -> dict[str, dict[str, tuple[str, int]]]:
+    """``{module: {imported module: (file, line)}}`` over the whole project."""
+    files = project_files()
+    modules = {module_name(p): p for p in files}
+    graph = {}
+    for name, path in modules.items():
+        edges = graph.setdefault(name, {})
+        tree = ast.parse((ROOT / path).read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                for target in imported(node, path, modules):
+                    if target != name:
+                        edges.setdefault(target, (str(path), node.lineno))
+    return graph
+
+
+def cycles(graph: dict) -> list[list[str]]:
+    """One cycle of each strongly connected group of modules (Tarjan's algorithm), as the list
+    of its modules with the first repeated at the end."""
+    index, low, stack, on_stack, groups = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, {}):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.add(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                groups.append(group)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    found = []
+    for group in groups:  # walk inside the group from its first module until one comes again
+        path = [min(group)]
+        while path.count(path[-1]) < 2:
+            path.append(min(w for w in graph[path[-1]] if w in group))
+        found.append(path[path.index(path[-1]):])
+    return found
+
+
+def test_no_import_cycle():
+    graph = import_graph()
+    assert {"ssd", "tim4rec", "pipeline.trainer", "bench.gpu_speed"} <= graph.keys()
+    assert "bench.gpu_speed" in graph["bench.length_study"]  # a bare name between scripts
+    found = cycles(graph)
+    described = ["\n  ".join(f"{a} -> {b}  ({graph[a][b][0]}:{graph[a][b][1]})"
+                             for a, b in itertools.pairwise(cycle)) for cycle in found]
+    assert not found, "import cycles:\n  " + "\n\n  ".join(described)
+
+
+def test_cycles_are_found():
+    """The search itself, on a made-up graph: a cycle of three and a module importing itself
+    (not a cycle between modules)."""
+    graph = {"a": {"b": ("a.py", 1)}, "b": {"c": ("b.py", 1)}, "c": {"a": ("c.py", 1)},
+             "d": {"a": ("d.py", 1)}}
+    assert cycles(graph) == [["a", "b", "c", "a"]]
+    assert cycles({"a": {"b": ("a.py", 1)}, "b": {}}) == []
+
+
+def test_no_source_file_over_the_limit():
+    """No Python file outside tests/ over MAX_LINES lines."""
+    long = {str(p): n for p in project_files() if p.parts[0] != "tests"
+            if (n := len((ROOT / p).read_text().splitlines())) > MAX_LINES}
+    assert not long, f"files over {MAX_LINES} lines: {long}"
