@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import common  # noqa: F401  (the project on the import path)
 
 
 def epoch_seconds(model_name, config_files, overrides):
@@ -25,17 +23,17 @@ def epoch_seconds(model_name, config_files, overrides):
     from pipeline.runlog import RunLog, new_run
     from pipeline.settings import build_config
     from pipeline.trainer import ProjectTrainer
-    from pipeline.workflow import _build_model, _load_data, _seed_and_precision
+    from pipeline.workflow import build_model, load_data, seed_and_precision
 
     config, spec = build_config(model_name, config_files,
                                 {**overrides, "use_gpu": False, "show_progress": False})
     log = RunLog("ERROR", quiet=True)
     try:
-        _seed_and_precision(config)
+        seed_and_precision(config)
         start = time.perf_counter()
-        _, train_data, _, _, _ = _load_data(config)
+        _, train_data, _, _, _ = load_data(config)
         load_s = time.perf_counter() - start
-        model = _build_model(spec, config, train_data.dataset)
+        model = build_model(spec, config, train_data.dataset)
         run = new_run(spec.name, config["dataset"], "/tmp/cpu_epoch/saved", "/tmp/cpu_epoch/log",
                       "/tmp/cpu_epoch/tb")
         trainer = ProjectTrainer(config, model, run)
@@ -69,8 +67,9 @@ def main():
     print("| model | batches x (batch, L) | epoch s | / SASRec | data loading s |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['batches']} x ({r['batch']}, {r['length']}) | {r['epoch_s']:.1f} | "
-              f"{r['epoch_s'] / rows[0]['epoch_s']:.2f} | {r['load_s']:.1f} |")
+        print(f"| {r['model']} | {r['batches']} x ({r['batch']}, {r['length']}) | "
+              f"{r['epoch_s']:.1f} | {r['epoch_s'] / rows[0]['epoch_s']:.2f} | "
+              f"{r['load_s']:.1f} |")
 
 
 if __name__ == "__main__":

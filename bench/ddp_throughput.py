@@ -17,13 +17,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-import runs  # the script beside this one
+from common import publish, run_results, start_run
 
 
 def train(nproc: int, extra: list[str], log_dir: Path) -> dict:
-    if code := runs.start([f"--nproc={nproc}", *extra], log_dir).wait():
+    if code := start_run([f"--nproc={nproc}", *extra], log_dir).wait():
         raise SystemExit(f"ddp_throughput: the run with {nproc} process(es) failed (exit {code})")
-    return runs.results(log_dir)
+    return run_results(log_dir)
 
 
 def main(argv=None) -> int:
@@ -43,9 +43,10 @@ def main(argv=None) -> int:
         seconds = statistics.median(e["train_s"] for e in run["epochs"][1:] or run["epochs"])
         rate = run["train_samples"] / seconds
         base = base or rate
-        rows.append(f"| {run['processes']} | {run['train_samples']:,} | {seconds:.2f} | {rate:,.0f} | "
-                    f"{rate / base:.2f} | {run['best_epoch']} | {run['test_result'][metric]:.4f} |")
-    runs.publish(rows, done, args.json)
+        rows.append(f"| {run['processes']} | {run['train_samples']:,} | {seconds:.2f} | "
+                    f"{rate:,.0f} | {rate / base:.2f} | {run['best_epoch']} | "
+                    f"{run['test_result'][metric]:.4f} |")
+    publish(rows, done, args.json)
     return 0
 
 

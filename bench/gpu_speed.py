@@ -1,4 +1,4 @@
-"""GPU training speed of TiM4Rec against RecBole's SASRec (the control) and Mamba4Rec, with the floor.
+"""GPU training speed of TiM4Rec against RecBole's SASRec (the control) and Mamba4Rec; the floor.
 
     python bench/gpu_speed.py --data_path=DIR [--settings a,b,c] [--models TiM4Rec,SASRec,Mamba4Rec]
         [--json OUT.json] [--quick] [--profile]
@@ -49,18 +49,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from gpu_check import SETTINGS  # the three settings of the paper, from the script beside this one
+from common import (SETTINGS, gpu_environment, run_json_child, seeded_model, setting_config,
+                    setting_data, sync_seconds, time_steps, write_json)
 
 MODELS = ("TiM4Rec", "SASRec", "Mamba4Rec")
 
@@ -79,148 +73,12 @@ UPSTREAM = {  # reference section 5: upstream TiM4Rec and RecBole SASRec on one 
 # --------------------------------------------------------------------------------------------------
 
 
-def _config(model, setting, data_path):
-    from pipeline.settings import CONFIG_DIR, build_config
-
-    config_file, dataset = SETTINGS[setting]
-    overrides = {"dataset": dataset, "data_path": data_path, "show_progress": False}
-    # SASRec: the project's baseline config, the paper's (8 heads). It reproduces the reference
-    # anchors' peak memory at (a) and (b), which RecBole's default (2 heads) does not: BENCHMARKS.md.
-    config, spec = build_config(model, [CONFIG_DIR / config_file], overrides)
-    return config, spec
-
-
-def _model(spec, config, dataset):
-    import torch
-    from recbole.utils import init_seed
-
-    init_seed(config["seed"], config["reproducibility"])
-    return spec.model_class(config, dataset).to(torch.device("cuda"))
-
-
-def _sync_time(fn):
-    import torch
-
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start, result
-
-
-KERNEL_KINDS = (  # (kind, words of a kernel's name), the first match wins; else "elementwise"
-    ("SSD (mamba-ssm Triton)", ("_chunk", "_bmm_chunk", "_state_passing")),
-    ("gated RMSNorm (Triton)", ("_layer_norm_fwd", "_layer_norm_bwd", "_gated_norm")),
-    ("item embedding gradient", ("_embedding_grad", "sum_and_scatter", "compute_grad_weight")),
-    ("cumulative sum", ("tensor_kernel_scan",)),
-    ("convolution", ("conv",)),
-    ("dropout + residual + LayerNorm (Triton)", ("_add_norm",)),
-    ("Hardswish + dropout (Triton)", ("_act_dropout",)),
-    ("GEMM", ("gemm", "gemv", "xmma", "cutlass")),
-    ("LayerNorm", ("layer_norm",)),
-    ("softmax / loss", ("softmax", "nll")),
-    ("Adam", ("multi_tensor", "adam")),
-    ("cat / copy", ("cat", "copy")),
-    ("reduction", ("reduce",)),
-)
-
-
-def kernel_times(run, steps=3, top=15) -> tuple[dict, dict]:
-    """GPU time per step (ms) of each kind of kernel, and of the ``top`` longest kernels, from
-    torch.profiler over ``steps`` calls."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            run()
-        torch.cuda.synchronize()
-    kinds: dict[str, float] = {}
-    kernels: dict[str, float] = {}
-    for event in prof.key_averages():
-        ms = event.self_device_time_total / 1e3 / steps
-        if ms <= 0:
-            continue
-        name = event.key.lower()
-        kind = next((k for k, words in KERNEL_KINDS if any(w in name for w in words)),
-                    "elementwise")
-        kinds[kind] = kinds.get(kind, 0.0) + ms
-        kernels[event.key[:100]] = kernels.get(event.key[:100], 0.0) + ms
-    longest = sorted(kernels.items(), key=lambda item: -item[1])[:top]
-    return dict(sorted(kinds.items(), key=lambda item: -item[1])), dict(longest)
-
-
-def median_cuda_ms(run, calls: int = 20, warmup: int = 0) -> float:
-    """The median GPU time (ms) of ``calls`` calls of ``run``, each between two CUDA events, after
-    ``warmup`` untimed calls."""
-    import torch
-
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(calls):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end))
-    return statistics.median(times)
-
-
-def time_steps(model, batch, graph: bool, anomaly: bool, steps=20, warmup=5,
-               profile_kernels=False, train_data=None, amp=False) -> dict:
-    """First step (s), median step (ms) and peak memory (GB) of zero_grad, loss, backward, Adam;
-    with ``profile_kernels``, the GPU time per step of each kind of kernel too. A graph packs the
-    batch's real positions as the trainer's does, into slots fixed from ``train_data``. ``amp``:
-    the forward under bfloat16 autocast, as the trainer runs it with ``enable_amp``."""
-    import torch
-
-    from pipeline import precision
-    from pipeline.cuda_graph import WARMUP_STEPS, GraphedStep, packed_size
-
-    model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    if graph:
-        packed = packed_size(model, train_data, len(batch))
-        if packed is not None and not packed.fits(batch):
-            raise RuntimeError(f"the timed batch does not fit {packed.size} slots")
-        step = GraphedStep(model.calculate_loss, optimizer, len(batch), packed=packed)
-        def run():
-            with precision.autocast("cuda", amp):
-                return step(batch)
-    else:
-        def run():
-            optimizer.zero_grad(set_to_none=True)
-            with precision.autocast("cuda", amp):
-                loss = model.calculate_loss(batch)
-            loss.backward()
-            optimizer.step()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    torch.autograd.set_detect_anomaly(anomaly)
-    try:
-        first, _ = _sync_time(run)
-        for _ in range(max(warmup, WARMUP_STEPS + 2)):
-            run()
-        step_ms = median_cuda_ms(run, steps)
-    finally:
-        torch.autograd.set_detect_anomaly(False)
-    if graph and step.failed:
-        raise RuntimeError(f"capture failed: {step.failed}")
-    row = {"first_s": first, "step_ms": step_ms,
-           "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
-    if profile_kernels:
-        row["kernel_ms"], row["top_kernels_ms"] = kernel_times(run)
-    return row
-
-
 def loading_seconds(train_data) -> float:
     """One pass over the training loader, each batch copied to the GPU, no model."""
     def one_pass():
         for interaction in train_data:
             interaction.to("cuda")
-    return _sync_time(one_pass)[0]
+    return sync_seconds(one_pass)[0]
 
 
 def project_epoch(config, model, train_data, test_data) -> dict:
@@ -230,8 +88,8 @@ def project_epoch(config, model, train_data, test_data) -> dict:
 
     trainer = ProjectTrainer(config, model, None)
     trainer._train_epoch(train_data, 0)
-    epoch_s, _ = _sync_time(lambda: trainer._train_epoch(train_data, 1))
-    eval_s, _ = _sync_time(lambda: trainer.evaluate(test_data, load_best_model=False))
+    epoch_s, _ = sync_seconds(lambda: trainer._train_epoch(train_data, 1))
+    eval_s, _ = sync_seconds(lambda: trainer.evaluate(test_data, load_best_model=False))
     return {"epoch_s": epoch_s, "eval_s": eval_s}
 
 
@@ -240,13 +98,13 @@ def recbole_epoch(config, model, train_data) -> float:
     import torch
     from recbole.trainer import Trainer
 
-    from pipeline.trainer import _tensorboard_in
+    from pipeline.trainer import tensorboard_in
 
-    with _tensorboard_in(None):
+    with tensorboard_in(None):
         trainer = Trainer(config, model)
     torch.autograd.set_detect_anomaly(True)
     try:
-        return _sync_time(lambda: trainer._train_epoch(train_data, 0))[0]
+        return sync_seconds(lambda: trainer._train_epoch(train_data, 0))[0]
     finally:
         torch.autograd.set_detect_anomaly(False)
 
@@ -254,12 +112,10 @@ def recbole_epoch(config, model, train_data) -> float:
 def child(setting: str, data_path: str, quick: bool, profile: bool, models=MODELS,
           skip=()) -> dict:
     import torch
-    from recbole.data import create_dataset, data_preparation
 
-    config, spec = _config(None, setting, data_path)
-    dataset = create_dataset(config)
-    train_data, _, test_data = data_preparation(config, dataset)
-    batch = next(iter(train_data)).to("cuda")
+    config, model_class = setting_config(None, setting, data_path)
+    dataset, train_data, test_data, batch = setting_data(config)
+    batch = batch.to("cuda")
     lengths = train_data.dataset.inter_feat[config["ITEM_LIST_LENGTH_FIELD"]]
     out = {"setting": setting, "dataset": SETTINGS[setting][1], "batch": len(batch),
            "length": config["MAX_ITEM_LIST_LENGTH"], "hidden": config["hidden_size"],
@@ -270,8 +126,11 @@ def child(setting: str, data_path: str, quick: bool, profile: bool, models=MODEL
                                           "chunk_size", "is_time")},
            "rows": {}}
     for name in models:
-        model_config, model_spec = (config, spec) if name == "TiM4Rec" else _config(
-            name, setting, data_path)
+        # SASRec: the project's baseline config, the paper's (8 heads). It reproduces the
+        # reference anchors' peak memory at (a) and (b), which RecBole's default (2 heads) does
+        # not (BENCHMARKS.md, section GPU step and memory).
+        model_config, model_class_ = (config, model_class) if name == "TiM4Rec" else (
+            setting_config(name, setting, data_path))
         # (label, CUDA graph, anomaly detection, config changes)
         variants = [("eager", False, False, {}), ("graph", True, False, {})]
         if name == "SASRec":
@@ -289,7 +148,7 @@ def child(setting: str, data_path: str, quick: bool, profile: bool, models=MODEL
             saved = {key: model_config[key] for key in changes}
             for key, value in changes.items():  # for this row only
                 model_config[key] = value
-            model = _model(model_spec, model_config, dataset)
+            model = seeded_model(model_class_, model_config, dataset)
             tf32 = bool(model_config["enable_tf32"])
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
             try:
@@ -303,7 +162,8 @@ def child(setting: str, data_path: str, quick: bool, profile: bool, models=MODEL
             timed_epoch = (label == "graph" and name == "TiM4Rec") or (
                 not quick and (graph or anomaly))
             if "error" not in row and timed_epoch:
-                model = _model(model_spec, model_config, dataset)  # fresh weights and optimizer
+                # Fresh weights and optimizer.
+                model = seeded_model(model_class_, model_config, dataset)
                 if anomaly:
                     row["epoch_s"] = recbole_epoch(model_config, model, train_data)
                 else:
@@ -334,12 +194,10 @@ def first_step_child(setting: str, data_path: str, shipped: bool, ahead: bool) -
 
     if not shipped:
         autotune.SHIPPED = None
-    from recbole.data import create_dataset, data_preparation
-
-    config, spec = _config(None, setting, data_path)
-    train_data, _, _ = data_preparation(config, create_dataset(config))
-    batch = next(iter(train_data)).to("cuda")
-    model = _model(spec, config, train_data.dataset)
+    config, model_class = setting_config(None, setting, data_path)
+    dataset, train_data, _, batch = setting_data(config)
+    batch = batch.to("cuda")
+    model = seeded_model(model_class, config, dataset)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     packed = packed_size(model, train_data, len(batch))  # the captured step's shapes
     out = {}
@@ -352,7 +210,7 @@ def first_step_child(setting: str, data_path: str, shipped: bool, ahead: bool) -
         with packed.fixed() if packed else contextlib.nullcontext():
             model.calculate_loss(batch).backward()
         optimizer.step()
-    out["first_s"], _ = _sync_time(step)
+    out["first_s"], _ = sync_seconds(step)
     return out  # (the new choices are saved at exit, for the warm run)
 
 
@@ -409,17 +267,6 @@ def floor(row: dict) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
-def _run_child(args: list[str], env: dict | None = None) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
-        out = Path(handle.name)
-    try:
-        subprocess.run([sys.executable, __file__, *args, f"--child-out={out}"], check=True,
-                       env={**os.environ, **(env or {})})
-        return json.loads(out.read_text())
-    finally:
-        out.unlink(missing_ok=True)
-
-
 def first_steps(setting: str, data_path: str, quick: bool) -> dict:
     """Cold and warm first steps, each in a fresh process, with throwaway cache folders; cold also
     with each kernel compiled at its first launch (no compiling ahead), the way it was before."""
@@ -432,9 +279,9 @@ def first_steps(setting: str, data_path: str, quick: bool) -> dict:
             caches = {"TRITON_CACHE_DIR": f"{tmp}/triton",
                       "TIM4REC_AUTOTUNE_CACHE": f"{tmp}/autotune.json"}
             args = ["--first-step", setting, f"--data_path={data_path}", *flags]
-            out[cold] = _run_child(args, caches)
+            out[cold] = run_json_child(__file__, args, caches)
             if warm:
-                out[warm] = _run_child(args, caches)
+                out[warm] = run_json_child(__file__, args, caches)
     firsts = {k: v["first_s"] for k, v in out.items()}
     # kernels, failed, dry_s, compile_s of the cold run (pipeline.precompile.compile_ahead)
     firsts["cold parts"] = {k: v for k, v in out["cold"].items() if k != "first_s"}
@@ -456,9 +303,10 @@ def markdown(results: list[dict]) -> str:
             budget = r["batches"] * row["step_ms"] / 1e3 + r["loading_s"]
             epoch = f"{row['epoch_s']:.1f}" if "epoch_s" in row else "-"
             lines.append(
-                f"| {r['setting']} | {name} | {path} | {row['first_s']:.1f} | {row['step_ms']:.1f} | "
-                f"{row['step_ms'] / control:.2f} | {row['step_ms'] / fl:.1f} | {row['peak_gb']:.2f} | "
-                f"{epoch} | {budget:.1f} | {row.get('eval_s', float('nan')):.1f} |")
+                f"| {r['setting']} | {name} | {path} | {row['first_s']:.1f} | "
+                f"{row['step_ms']:.1f} | {row['step_ms'] / control:.2f} | "
+                f"{row['step_ms'] / fl:.1f} | {row['peak_gb']:.2f} | {epoch} | {budget:.1f} | "
+                f"{row.get('eval_s', float('nan')):.1f} |")
     ratios = []
     for r in results:
         for name in ("TiM4Rec", "SASRec"):
@@ -478,8 +326,9 @@ def markdown(results: list[dict]) -> str:
         graph = r["rows"].get("TiM4Rec graph", {})
         ratio = f"{graph['step_ms'] / f['floor_ms']:.1f}" if "step_ms" in graph else "-"
         lines.append(f"| {r['setting']} | {r['batch']} x {r['length']}, {r['hidden']}d | "
-                     f"{r['n_items']:,} | {r['batches']} | {r['loading_s']:.1f} | {f['gflop']:.0f} | "
-                     f"{f['gb']:.2f} | {f['flops_ms']:.2f} | {f['bytes_ms']:.2f} | {f['bound']} | "
+                     f"{r['n_items']:,} | {r['batches']} | {r['loading_s']:.1f} | "
+                     f"{f['gflop']:.0f} | {f['gb']:.2f} | {f['flops_ms']:.2f} | "
+                     f"{f['bytes_ms']:.2f} | {f['bound']} | "
                      f"{ratio} | {firsts} |")
     for label in ("TiM4Rec graph", "TiM4Rec graph, bf16"):
         profiled = [r for r in results if "kernel_ms" in r["rows"].get(label, {})]
@@ -487,7 +336,8 @@ def markdown(results: list[dict]) -> str:
             lines += ["", f"{label} step, GPU ms per step by kind of kernel:"]
         for r in profiled:
             kinds = r["rows"][label]["kernel_ms"]
-            lines.append(f"- ({r['setting']}) " + ", ".join(f"{k} {v:.1f}" for k, v in kinds.items()))
+            lines.append(f"- ({r['setting']}) "
+                         + ", ".join(f"{k} {v:.1f}" for k, v in kinds.items()))
             top = r["rows"][label].get("top_kernels_ms", {})
             lines.append("  longest kernels: " + "; ".join(f"{k} {v:.2f}" for k, v in top.items()))
     return "\n".join(lines)
@@ -530,14 +380,7 @@ def main(argv=None) -> int:
     if not {"TiM4Rec", "SASRec"} <= set(models):
         parser.error("--models must include TiM4Rec and SASRec (the control)")
 
-    from pipeline import compat
-
-    compat.apply()
-    import torch
-
-    if not torch.cuda.is_available():
-        print("gpu_speed: needs a CUDA device", file=sys.stderr)
-        return 2
+    env = gpu_environment("gpu_speed")
     if args.child or args.first_step:
         result = (child(args.child, data_path, args.quick, args.profile, models, args.skip)
                   if args.child else
@@ -546,14 +389,11 @@ def main(argv=None) -> int:
         args.child_out.write_text(json.dumps(result))
         return 0
 
-    from pipeline.runlog import environment
-
-    env = environment("cuda")
     results = []
     for setting in settings:
         result = {"setting": setting}
         if args.phase in ("all", "steps"):
-            result = _run_child(["--child", setting, f"--data_path={data_path}"]
+            result = run_json_child(__file__, ["--child", setting, f"--data_path={data_path}"]
                                 + (["--quick"] if args.quick else []) + [f"--models={args.models}"]
                                 + (["--profile"] if args.profile else [])
                                 + [f"--skip={label}" for label in args.skip])
@@ -562,9 +402,8 @@ def main(argv=None) -> int:
         if args.phase in ("all", "first"):
             result["first_step"] = first_steps(setting, data_path, args.quick)
         results.append(result)
-        if args.json:  # after every setting: a run cut short keeps what it measured
-            args.json.write_text(json.dumps({"environment": env, "peak": PEAK,
-                                             "results": results}, indent=1))
+        # After every setting: a run cut short keeps what it measured.
+        write_json(args.json, {"environment": env, "peak": PEAK, "results": results})
     print(json.dumps(env))
     if args.phase != "first":
         print(markdown(results))

@@ -16,10 +16,8 @@ list) the same with the causal mask alone, which gives the same scores for right
 
 **Batches**, from ``DIR/ml-1m-half``: its interactions as RecBole loads them for training (users
 and items with at least 5 interactions, ids remapped, timestamps as RecBole's float32, each user's
-history sorted by time), and RecBole's training samples at L: for a user with n interactions, the
-interaction at position t, for t = 1 .. n - 3 (the last two are the validation and test targets),
-is the target, and the up to L interactions before it, items and timestamps, are the input, padded
-with 0 on the right. ``--fill`` picks among the samples:
+history sorted by time), and RecBole's training samples at L (:func:`common.training_samples`),
+padded with 0 on the right. ``--fill`` picks among the samples:
 
 - ``full`` (the default): those with exactly L inputs, that is windows of L consecutive
   interactions of one user and the next one as target. Every position of a batch is real, so a
@@ -28,25 +26,16 @@ with 0 on the right. ``--fill`` picks among the samples:
   batches come).
 - ``real``: all of them: the lengths that training at L sees, ever more padding as L grows.
 
-For each L the parent draws 4 batches of tokens // L samples at random (seed 0; without
+For each L the study draws 4 batches of tokens // L samples at random (seed 0; without
 replacement within a batch, unless there are fewer samples than that) and writes them once to a
 temporary folder, with the loaded dataset, for the children; a child's steps cycle through them.
 
-**Each (model, L) runs in its own process**, so that one running out of memory ends only its own
-cell. The next child imports and loads during the current one's first step (not during the steps
-it times), and touches the GPU only in its turn. A child times, on fresh weights each (the model's
-seed), the step as the project's trainer takes it (zero_grad, forward, backward, Adam):
-
-- ``eager``: outside a graph; on a GPU TiM4Rec's batch stays padded, as in the trainer's eager step;
-- ``graph`` (GPU only): the step captured as a CUDA graph and replayed (:mod:`pipeline.cuda_graph`),
-  TiM4Rec's batches packed into the slots that the trainer would fix from the samples' lengths.
-
-Before its first step, a path's Triton kernels are compiled side by side, as the trainer does
-(:mod:`pipeline.precompile`); the first step (which autotunes mamba-ssm's kernels where this
-machine has no choice for them yet) is timed apart. Then warm-up steps, and the median of
-``--steps`` steps, each between two CUDA events. Peak memory: the most GPU memory allocated after
-the first step (warm-up, capture and timed steps; autotuning holds a benchmark buffer of its own).
-``--device cpu`` times the eager step with the host's clock and no memory: a smoke test.
+**Each (model, L) runs in its own process**, ``bench/length_step.py`` (its docstring says what it
+times: ``eager``, and ``graph`` on a GPU, the step as the project's trainer takes it, its kernels
+compiled ahead, the first step apart, then the median of ``--steps``), so that one running out of
+memory ends only its own cell. The next child imports and loads during the current one's first
+step (not during the steps it times), and touches the GPU only in its turn. ``--device cpu``
+times the eager step with the host's clock and no memory: a smoke test.
 
 **Outputs**: a Markdown table of every path; each model's step time over TiM4Rec's at each L; the
 log-log slope of each model's step time against L, least squares over L >= 200 (at a fixed number
@@ -61,8 +50,6 @@ against L, log-log, one line per model.
 from __future__ import annotations
 
 import argparse
-import gc
-import itertools
 import json
 import math
 import pickle
@@ -73,22 +60,19 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import DATA_PATH, OUT_OF_MEMORY, SDPA_MODELS, draw_batches, load_interactions
 
 DATASET = "ml-1m-half"
 CONFIG_FILE = "config4movie_64d.yaml"  # the 64d, 2-layer setting; baselines' files go over it
 LENGTHS = (50, 100, 200, 400, 800, 1600)
 TOKENS = 102_400  # batch 2048 at L 50, the paper's batch, down to 64 at L 1600
 MODELS = ("TiM4Rec", "SASRec", "SASRec-sdpa", "Mamba4Rec", "LRURec", "SSD4Rec")
-VARIANTS = ("SASRec-sdpa", "SASRec-sdpa-causal")  # from SASRec's config: bench/sasrec_sdpa.py
 PATHS = ("eager", "graph")
 BATCHES = 4  # distinct batches per L, cycled through
 WARMUP = 3  # steps after the first, before timing (a graph needs its own warm-up and capture too)
 SLOPE_FROM = 200  # the slope is fitted over L >= this
 BELOW_FROM = 400  # TiM4Rec's step against the SASRecs' over L >= this
 CHILD_TIMEOUT_S = 300
-OUT_OF_MEMORY = "out of memory"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -96,100 +80,17 @@ OUT_OF_MEMORY = "out of memory"
 # --------------------------------------------------------------------------------------------------
 
 
-def load_interactions(data_path: str, name: str = DATASET):
-    """The dataset ``name`` as RecBole loads it for training, before its training samples are
-    built (a RecBole dataset, which model constructors read), and its interactions as arrays in
-    each user's time order: ``(dataset, {"user", "item", "time"})``."""
-    import numpy as np
-    from recbole.data import create_dataset
-
-    from pipeline.settings import CONFIG_DIR, build_config
-
-    config, _ = build_config("TiM4Rec", [CONFIG_DIR / CONFIG_FILE], {
-        "dataset": name, "data_path": data_path, "use_gpu": False, "show_progress": False})
-    dataset = create_dataset(config)
-    # The list fields' types, which model constructors read (TiM4Rec checks the time list), as
-    # RecBole's data augmentation declares them, without building every training sample at every
-    # position: at L 1600 those would fill gigabytes.
-    dataset._aug_presets()
-    frame = dataset.inter_feat
-    user = frame[dataset.uid_field].to_numpy()
-    time_ = frame[dataset.time_field].to_numpy().astype(np.float32)  # RecBole keeps float32
-    # RecBole's order: by user, then time, stable (ties keep the file's order).
-    order = np.lexsort((time_, user))
-    arrays = {"user": user[order], "item": frame[dataset.iid_field].to_numpy()[order],
-              "time": time_[order]}
-    return dataset, arrays
-
-
-def training_samples(user, length: int, fill: str):
-    """RecBole's training samples at ``length`` (see the module docstring) of interactions sorted
-    by user and time: ``(target index, input length)`` arrays, with ``fill`` full only those of
-    exactly ``length`` inputs."""
-    import numpy as np
-
-    starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])
-    counts = np.diff(np.r_[starts, len(user)])
-    position = np.arange(len(user)) - np.repeat(starts, counts)  # within the user's history
-    last_train = np.repeat(counts - 3, counts)  # the last training target's position
-    target = np.flatnonzero((position >= 1) & (position <= last_train))
-    lengths = np.minimum(position[target], length)
-    if fill == "full":
-        keep = lengths == length
-        target, lengths = target[keep], lengths[keep]
-    return target, lengths
-
-
-def draw_batches(arrays: dict, length: int, batch: int, fill: str, seed: int = 0) -> dict:
-    """``BATCHES`` batches of ``batch`` training samples at ``length``, as tensors: items and
-    timestamps [BATCHES, batch, length] (right-padded with 0), lengths and targets [BATCHES, batch],
-    the number of users they come from, and the lengths of every sample they were drawn from
-    (``pool_lengths``), from which the trainer would fix TiM4Rec's packed slots. Without ``items``
-    where there is no sample."""
-    import numpy as np
-    import torch
-
-    target, lengths = training_samples(arrays["user"], length, fill)
-    out = {"pool_lengths": torch.from_numpy(lengths.astype(np.int64)), "batch": batch}
-    if len(target) == 0:
-        return out
-    rng = np.random.default_rng(seed)
-    picks = np.stack([rng.choice(len(target), batch, replace=len(target) < batch)
-                      for _ in range(BATCHES)])  # [BATCHES, batch]
-    chosen_target, chosen_length = target[picks], lengths[picks]
-    items, times = inputs(arrays, chosen_target, chosen_length, length)
-    out.update({
-        "items": torch.from_numpy(items), "times": torch.from_numpy(times),
-        "lengths": torch.from_numpy(chosen_length.astype(np.int64)),
-        "targets": torch.from_numpy(arrays["item"][chosen_target].astype(np.int64)),
-        "users": int(len(np.unique(arrays["user"][chosen_target]))),
-    })
-    return out
-
-
-def inputs(arrays: dict, target, lengths, length: int):
-    """The items (int64) and timestamps (float32) before each ``target`` index, ``lengths`` of
-    them, right-padded with 0 to ``length``: arrays of ``target``'s shape plus [length]."""
-    import numpy as np
-
-    offsets = np.arange(length)
-    real = offsets < lengths[..., None]
-    index = np.where(real, target[..., None] - lengths[..., None] + offsets, 0)
-    return (np.where(real, arrays["item"][index], 0).astype(np.int64),
-            np.where(real, arrays["time"][index], 0).astype(np.float32))
-
-
 def prepare(data_path: str, lengths, tokens: int, fill: str, work: Path) -> dict:
     """Write the dataset and each L's batches under ``work``; what each L's batches are."""
     import torch
 
-    dataset, arrays = load_interactions(data_path)
+    dataset, arrays = load_interactions(CONFIG_FILE, data_path, DATASET)
     with open(work / "dataset.pkl", "wb") as handle:
         pickle.dump(dataset, handle)
     info = {}
     for length in lengths:
         batch = max(1, tokens // length)
-        data = draw_batches(arrays, length, batch, fill)
+        data = draw_batches(arrays, length, batch, fill, BATCHES)
         torch.save(data, work / f"batches-{length}.pt")
         pool = data["pool_lengths"]
         info[length] = {"batch": batch, "samples": len(pool)}
@@ -199,206 +100,6 @@ def prepare(data_path: str, lengths, tokens: int, fill: str, work: Path) -> dict
                 "samples_real_fraction": float(pool.double().mean()) / length,
                 "users": data["users"]})
     return info
-
-
-# --------------------------------------------------------------------------------------------------
-# One (model, L): the child
-# --------------------------------------------------------------------------------------------------
-
-
-def model_config(name: str, length: int, batch: int, data_path: str, device: str):
-    """The config of ``name`` at ``length`` through the project's pipeline, and its class."""
-    from pipeline.settings import CONFIG_DIR, build_config
-
-    base = "SASRec" if name in VARIANTS else name
-    config, spec = build_config(base, [CONFIG_DIR / CONFIG_FILE], {
-        "dataset": DATASET, "data_path": data_path, "MAX_ITEM_LIST_LENGTH": length,
-        "train_batch_size": batch, "show_progress": False, "use_gpu": device == "cuda"})
-    if name in VARIANTS:
-        from sasrec_sdpa import SASRecSDPA, SASRecSDPACausal
-
-        return config, {"SASRec-sdpa": SASRecSDPA, "SASRec-sdpa-causal": SASRecSDPACausal}[name]
-    return config, spec.model_class
-
-
-def default_path(config, device: str) -> str:
-    """The step that the project's trainer takes on one ``device`` (``cuda_graph`` and the rest of
-    ``config``, :func:`pipeline.cuda_graph.reason_not_captured`)."""
-    import torch
-
-    from pipeline import cuda_graph
-
-    if device != "cuda":
-        return "eager"
-    probe = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])  # the trainer's optimizer kind
-    reason = cuda_graph.reason_not_captured(
-        config["cuda_graph"], config["model"], False, probe,
-        clip_grad_norm=config["clip_grad_norm"])
-    return "graph" if reason is None else "eager"
-
-
-def _error_text(error: BaseException) -> str:
-    import torch
-
-    text = " ".join(str(error).split())
-    if isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower():
-        return OUT_OF_MEMORY
-    return f"{type(error).__name__}: {text}"[:200]
-
-
-def _median_ms(run, calls: int, device: str) -> float:
-    if device == "cuda":
-        from gpu_speed import median_cuda_ms
-
-        return median_cuda_ms(run, calls)
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        run()
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times)
-
-
-def _synchronize(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_path(make_model, config, batches, path: str, pool_lengths, steps: int, device: str,
-              quiet=lambda: None) -> dict:
-    """First step (s), median step (ms) and peak memory (GB) of one path on fresh weights;
-    ``quiet()`` is called between the first step and the rest."""
-    import torch
-
-    from pipeline import cuda_graph, precompile
-
-    model = make_model().train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"])
-    packed, step = None, None
-    if path == "graph":
-        size_for = getattr(model, "pack_size_for", None)  # as cuda_graph.packed_size reads it
-        size = size_for(pool_lengths, len(batches[0])) if size_for else None
-        packed = None if size is None else cuda_graph.PackedSize(model, size)
-        if packed is not None and not all(packed.fits(b) for b in batches):
-            raise RuntimeError(f"a timed batch does not fit {size} packed slots")
-        step = cuda_graph.GraphedStep(model.calculate_loss, optimizer, len(batches[0]),
-                                      packed=packed)
-
-        def run_one(batch):
-            step(batch)
-    else:
-        def run_one(batch):
-            optimizer.zero_grad(set_to_none=True)
-            model.calculate_loss(batch).backward()
-            optimizer.step()
-
-    cycle = itertools.cycle(batches)
-
-    def run():
-        run_one(next(cycle))
-
-    row = {}
-    device_ = torch.device(device)
-    if precompile.wanted(device_, config["compile_ahead"]):
-        try:  # as the trainer does before its first step; a failure only costs time
-            done = precompile.compile_step(model, batches[0],
-                                           train_inside=packed.fixed if packed else None)
-            row["compiled_kernels"], row["compile_s"] = done["kernels"], done["compile_s"]
-        except Exception as error:  # noqa: BLE001
-            row["compile_error"] = _error_text(error)
-    try:
-        _synchronize(device)
-        start = time.perf_counter()
-        run()
-        _synchronize(device)
-        row["first_s"] = time.perf_counter() - start
-        quiet()
-        if device == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        warmup = WARMUP if device == "cuda" else 1  # on the CPU only a smoke test
-        for _ in range(warmup + (cuda_graph.WARMUP_STEPS + 1 if step else 0)):
-            run()
-        if step is not None and (step.failed or step.graph is None):
-            raise RuntimeError(f"capture failed: {step.failed or 'not captured'}")
-        row["step_ms"] = _median_ms(run, steps, device)
-        if device == "cuda":
-            row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    finally:
-        if step is not None:
-            step.release()
-    return row
-
-
-def child(args) -> int:
-    """Time one (model, L); with ``--wait``, take turns with the parent (see :class:`Child`)."""
-    import os
-
-    if args.wait:
-        # Every other write to stdout, from Python or a library, goes to stderr: stdout carries
-        # only the line that says this child has loaded, which the parent waits for.
-        ready = os.fdopen(os.dup(1), "w")
-        os.dup2(2, 1)
-    import torch
-    from recbole.data.interaction import Interaction
-    from recbole.utils import init_seed
-
-    from pipeline.runlog import environment
-
-    work, name, length = Path(args.work), args.child, args.length
-    data = torch.load(work / f"batches-{length}.pt", weights_only=True)
-    config, model_class = model_config(name, length, data["batch"], args.data_path, args.device)
-    with open(work / "dataset.pkl", "rb") as handle:
-        dataset = pickle.load(handle)  # written by this study's parent
-    item, time_, suffix = config["ITEM_ID_FIELD"], config["TIME_FIELD"], config["LIST_SUFFIX"]
-    cpu_batches = [Interaction({item + suffix: data["items"][k],
-                                config["ITEM_LIST_LENGTH_FIELD"]: data["lengths"][k],
-                                item: data["targets"][k], time_ + suffix: data["times"][k]})
-                   for k in range(len(data["items"]))]
-    result = {"model": name, "length": length, "batch": data["batch"],
-              "default": default_path(config, args.device), "rows": {}}
-    if args.wait:
-        ready.write("ready\n")
-        ready.close()
-        if sys.stdin.readline().strip() != "go":
-            return 1  # the study stopped before this child's turn
-    waited = []
-
-    def quiet():  # once: the next child has loaded, and stays idle until this one ends
-        if args.wait and not waited:
-            waited.append(sys.stdin.readline())
-
-    def make_model():
-        init_seed(config["seed"], config["reproducibility"])
-        model = model_class(config, dataset).to(torch.device(args.device))
-        for key in ("backend", "ssd_backend"):  # which scan runs (Mamba4Rec: mamba-ssm's or not)
-            if isinstance(getattr(model, key, None), str):
-                result[key] = getattr(model, key)
-        result["parameters"] = sum(p.numel() for p in model.parameters())
-        return model
-
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(
-        config["enable_tf32"])
-    result["environment"] = environment(args.device)
-    batches = [b.to(args.device) for b in cpu_batches]
-    for path in args.paths.split(","):
-        if path == "graph" and args.device != "cuda":
-            continue
-        try:
-            row = time_path(make_model, config, batches, path, data["pool_lengths"], args.steps,
-                            args.device, quiet)
-        except Exception as error:  # noqa: BLE001 - whatever stops a path is its cell's entry
-            row = {"error": _error_text(error)}
-        result["rows"][path] = row
-        print(f"length_study: {name} L {length} {path}: {json.dumps(row)}", file=sys.stderr,
-              flush=True)
-        gc.collect()
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
-    Path(args.child_out).write_text(json.dumps(result))
-    return 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -417,10 +118,11 @@ class Child:
         self.model, self.length = model, length
         self.out = work / f"result-{model}-{length}.json"
         self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), f"--child={model}",
-             f"--length={length}", f"--work={work}", f"--child-out={self.out}", "--wait",
-             f"--data_path={args.data_path}", f"--device={args.device}",
-             f"--steps={args.steps}", f"--paths={args.paths}"],
+            [sys.executable, str(Path(__file__).resolve().with_name("length_step.py")),
+             f"--child={model}", f"--length={length}", f"--work={work}",
+             f"--child-out={self.out}", "--wait", f"--data_path={args.data_path}",
+             f"--dataset={DATASET}", f"--config_file={CONFIG_FILE}", f"--device={args.device}",
+             f"--steps={args.steps}", f"--warmup={WARMUP}", f"--paths={args.paths}"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.loaded = False
 
@@ -620,13 +322,13 @@ def _int_list(text: str) -> list[int]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data_path", default=str(ROOT.parent / "shared" / "datasets"),
+    parser.add_argument("--data_path", default=str(DATA_PATH),
                         help=f"folder holding {DATASET}/ (default: ../shared/datasets)")
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     parser.add_argument("--tokens", type=int, default=TOKENS,
                         help="positions per batch: batch = tokens // L")
     parser.add_argument("--models", default=",".join(MODELS),
-                        help=f"any of {', '.join(MODELS + VARIANTS[1:])}, or another project model")
+                        help=f"any of {', '.join(MODELS + SDPA_MODELS[1:])}, or another model")
     parser.add_argument("--fill", choices=("full", "real"), default="full",
                         help="full: every input exactly L long; real: training's lengths at L")
     parser.add_argument("--paths", default=",".join(PATHS),
@@ -635,15 +337,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--png", type=Path, default=None)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--length", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--wait", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.data_path = str(Path(args.data_path).resolve())
-    if args.child:
-        return child(args)
 
     lengths, models = _int_list(args.lengths), [m for m in args.models.split(",") if m]
     if not lengths or min(lengths) < 1 or args.tokens < 1 or args.steps < 1:
@@ -656,7 +351,7 @@ def main(argv=None) -> int:
     from pipeline.registry import find_model
 
     for model in models:
-        if model not in VARIANTS:
+        if model not in SDPA_MODELS:
             try:
                 find_model(model)
             except UserError as error:

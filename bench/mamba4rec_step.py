@@ -3,12 +3,12 @@
     python bench/mamba4rec_step.py --data_path=DIR [--settings a,b] [--backends triton,torch]
         [--device cuda|cpu] [--steps 20] [--json OUT.json]
 
-DIR holds amazon-sports/ and ml-1m-half/; the settings are bench/gpu_check.py's: (a) Amazon-Sports,
+DIR holds amazon-sports/ and ml-1m-half/; the settings are bench/common.py's: (a) Amazon-Sports,
 L 50, 64d, batch 2048; (b) ML-1M-half, L 200, 64d, batch 2048 (Mamba4Rec's baseline config: 2
 layers, d_state 32). One real training batch per setting.
 
 - On CUDA, per backend: the step (zero_grad, forward, backward, Adam) eager and as a CUDA graph,
-  median over ``--steps`` after warm-up (bench/gpu_speed.py's ``time_steps``: CUDA events), with
+  median over ``--steps`` after warm-up (``common.time_steps``: CUDA events), with
   its peak memory; TiM4Rec's graph step on the same batch beside it (its default settings); and
   each backend's loss, full-sort scores and gradients in float32 against the PyTorch scan in
   float64 (dropout off), as relative errors.
@@ -21,116 +21,59 @@ Prints one JSON line per row; ``--json`` writes them all.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import resource
 import statistics
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from common import (errors_against_float64, seeded_model, setting_config, setting_data,
+                    time_steps, write_json)
 
 
-def setting_data(setting: str, data_path: str, device: str):
-    """``(config, dataset, train_data, batch)`` of Mamba4Rec at ``setting``."""
-    from gpu_check import SETTINGS
-    from recbole.data import create_dataset, data_preparation
-
-    from pipeline.settings import CONFIG_DIR, build_config
-
-    config_file, dataset_name = SETTINGS[setting]
-    config, _ = build_config("Mamba4Rec", [CONFIG_DIR / config_file],
-                             {"dataset": dataset_name, "data_path": data_path,
-                              "show_progress": False, "use_gpu": device == "cuda"})
-    dataset = create_dataset(config)
-    train_data, _, _ = data_preparation(config, dataset)
-    return config, dataset, train_data, next(iter(train_data)).to(device)
-
-
-def make(config, dataset, device: str, **changes):
-    """Mamba4Rec with ``changes`` to its config, the same weights for every change (seed 0)."""
-    import torch
-
-    from pipeline.registry import find_model
-
-    config = copy.deepcopy(config)
-    for key, value in changes.items():
-        config[key] = value
-    torch.manual_seed(0)
-    return find_model("Mamba4Rec").model_class(config, dataset).to(device)
-
-
-def errors_against_float64(config, dataset, batch, backends, device="cuda") -> dict:
-    """Relative errors of each backend (float32) against the PyTorch scan in float64."""
-    import torch
-
-    def run(model):
-        model.eval()  # no dropout
-        model.zero_grad(set_to_none=True)
-        loss = model.calculate_loss(batch)
-        loss.backward()
-        with torch.no_grad():
-            scores = model.full_sort_predict(batch)
-        return loss.detach(), scores, {n: p.grad for n, p in model.named_parameters()
-                                       if p.grad is not None}
-
-    def rel(a, b):
-        return ((a.double() - b).norm() / b.norm()).item()
-
-    ref_loss, ref_scores, ref_grads = run(make(config, dataset, device,
-                                               mamba_backend="torch").double())
-    out = {}
-    for backend in backends:
-        loss, scores, grads = run(make(config, dataset, device, mamba_backend=backend))
-        grad_errors = {n: rel(g, ref_grads[n]) for n, g in grads.items()}
-        worst = max(grad_errors, key=grad_errors.get)
-        out[backend] = {"loss": rel(loss, ref_loss), "scores": rel(scores, ref_scores),
-                        "grads_max": grad_errors[worst], "grads_max_param": worst}
-    return out
+def setting_batch(setting: str, data_path: str, device: str):
+    """``(config, model class, dataset, train_data, batch)`` of Mamba4Rec at ``setting``."""
+    config, model_class = setting_config("Mamba4Rec", setting, data_path,
+                                         use_gpu=device == "cuda")
+    dataset, train_data, _, batch = setting_data(config)
+    return config, model_class, dataset, train_data, batch.to(device)
 
 
 def cuda_rows(setting, data_path, backends, steps) -> list[dict]:
     import torch
-    from gpu_check import SETTINGS
-    from gpu_speed import time_steps
 
-    from pipeline.settings import CONFIG_DIR, build_config
+    config, model_class, dataset, train_data, batch = setting_batch(setting, data_path, "cuda")
 
-    config, dataset, train_data, batch = setting_data(setting, data_path, "cuda")
+    def build(backend):  # the same weights for every backend (seed 0)
+        return seeded_model(model_class, config, dataset, seed=0, mamba_backend=backend)
+
     base = {"setting": setting, "batch": len(batch), "length": config["MAX_ITEM_LIST_LENGTH"],
             "device": torch.cuda.get_device_name()}
     rows = []
     for backend in backends:
         for graph in (False, True):
-            model = make(config, dataset, "cuda", mamba_backend=backend)
-            row = time_steps(model, batch, graph=graph, anomaly=False, steps=steps,
+            row = time_steps(build(backend), batch, graph=graph, anomaly=False, steps=steps,
                              train_data=train_data)
             rows.append({**base, "model": f"Mamba4Rec {backend}", "graph": graph, **row})
-            del model
             torch.cuda.empty_cache()
-    tim_config, spec = build_config(None, [CONFIG_DIR / SETTINGS[setting][0]],
-                                    {"dataset": SETTINGS[setting][1], "data_path": data_path,
-                                     "show_progress": False})
-    torch.manual_seed(0)
-    tim = spec.model_class(tim_config, dataset).cuda()
+    tim_config, tim_class = setting_config(None, setting, data_path)
+    tim = seeded_model(tim_class, tim_config, dataset, seed=0)
     rows.append({**base, "model": "TiM4Rec", "graph": True,
                  **time_steps(tim, batch, graph=True, anomaly=False, steps=steps,
                               train_data=train_data)})
     del tim
     torch.cuda.empty_cache()
-    rows.append({**base, "errors_vs_float64": errors_against_float64(config, dataset, batch,
-                                                                     backends)})
+    rows.append({**base, "errors_vs_float64": errors_against_float64(build, backends, "torch",
+                                                                     batch)})
     return rows
 
 
 def cpu_rows(setting, data_path, steps) -> list[dict]:
     import torch
 
-    config, dataset, _, batch = setting_data(setting, data_path, "cpu")
-    model = make(config, dataset, "cpu", mamba_backend="torch").train()
+    config, model_class, dataset, _, batch = setting_batch(setting, data_path, "cpu")
+    model = seeded_model(model_class, config, dataset, "cpu", seed=0, mamba_backend="torch")
+    model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     times = []
     for _ in range(steps + 1):
@@ -161,8 +104,7 @@ def main(argv=None) -> int:
         for row in new:
             print(json.dumps(row), flush=True)
         rows += new
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    write_json(args.json, rows)
     return 0
 
 

@@ -50,7 +50,8 @@ def generate_ratings(path: Path, rows: int, users: int, items: int, seed: int) -
     user_weight = rng.pareto(1.5, users) + 1
     item_weight = 1.0 / np.arange(1, items + 1) ** 0.8
     user = rng.choice(np.arange(1, users + 1), size=rows, p=user_weight / user_weight.sum())
-    item = rng.choice(rng.permutation(np.arange(1, items + 1)), size=rows, p=item_weight / item_weight.sum())
+    item = rng.choice(rng.permutation(np.arange(1, items + 1)), size=rows,
+                      p=item_weight / item_weight.sum())
     rating = rng.integers(1, 6, size=rows)
     # Coarse times (whole minutes) so that same-second ties are common, as in ML-1M.
     stamp = FIRST_STAMP + rng.integers(0, 3 * 365 * 24 * 60, size=rows) * 60
@@ -78,13 +79,16 @@ def measure(cmd: list[str]) -> Run:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=1_000_000, help="ratings to generate (default 1,000,000)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000,
+                        help="ratings to generate (default 1,000,000)")
     parser.add_argument("--users", type=int, default=6040)
     parser.add_argument("--items", type=int, default=3706)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", type=int, default=3, help="conversions to time (default 3)")
-    parser.add_argument("--zip", action="store_true", help="convert a zip holding ml-1m/ratings.dat instead")
+    parser.add_argument("--zip", action="store_true",
+                        help="convert a zip holding ml-1m/ratings.dat instead")
     parser.add_argument("--generate-only", type=Path, metavar="PATH", help=argparse.SUPPRESS)
     return parser.parse_args()
 
@@ -117,21 +121,25 @@ def main() -> int:
 
         runs = []
         for n in range(args.runs):
-            run = measure([sys.executable, str(PREPARE), "ml-1m", str(raw), "--out", str(tmp / f"out{n}")])
+            run = measure([sys.executable, str(PREPARE), "ml-1m", str(raw),
+                           "--out", str(tmp / f"out{n}")])
             if run.returncode != 0:
                 print(run.output, end="")
                 print(f"prepare.py failed with status {run.returncode}", file=sys.stderr)
                 return 1
             runs.append(run)
-            print(f"run {n + 1}: wall {run.wall_s:.2f} s, cpu {run.cpu_s:.2f} s, peak RSS {run.peak_rss_mib:.1f} MiB")
+            print(f"run {n + 1}: wall {run.wall_s:.2f} s, cpu {run.cpu_s:.2f} s, "
+                  f"peak RSS {run.peak_rss_mib:.1f} MiB")
 
         out = tmp / "out0" / "ml-1m" / "ml-1m.inter"
         with open(out, "rb") as f:
             lines = sum(1 for _ in f)
         if lines != args.rows + 1:
-            print(f"expected {args.rows + 1:,} lines in {out.name}, found {lines:,}", file=sys.stderr)
+            print(f"expected {args.rows + 1:,} lines in {out.name}, found {lines:,}",
+                  file=sys.stderr)
             return 1
-        same = all((tmp / f"out{n}" / "ml-1m" / "ml-1m.inter").read_bytes() == out.read_bytes() for n in range(1, len(runs)))
+        same = all((tmp / f"out{n}" / "ml-1m" / "ml-1m.inter").read_bytes() == out.read_bytes()
+                   for n in range(1, len(runs)))
         wall = statistics.median(r.wall_s for r in runs)
         peak = max(r.peak_rss_mib for r in runs)
         print(

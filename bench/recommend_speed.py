@@ -21,7 +21,6 @@ Prints a Markdown table; ``--json`` writes every number.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -30,8 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import DATA_PATH, ROOT, sync_seconds, write_json
 
 
 def train_checkpoint(data_path: str, dataset: str, device: str, folder: Path) -> str:
@@ -57,8 +55,6 @@ def end_to_end(checkpoint: str, settings: dict, folder: Path, repeats: int) -> l
 
 
 def scoring(checkpoint: str, settings: dict, repeats: int) -> dict:
-    import torch
-
     import pipeline
     from pipeline.runlog import RunLog
     from pipeline.trainer import ProjectTrainer
@@ -68,15 +64,6 @@ def scoring(checkpoint: str, settings: dict, repeats: int) -> dict:
     device = loaded.config["device"].type
     trainer = ProjectTrainer(loaded.config, loaded.model, run=None)
 
-    def timed(fn) -> float:
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
     jobs = {
         "full-sort evaluation (test.py)":
             lambda: trainer.evaluate(loaded.test_data, load_best_model=False),
@@ -85,7 +72,8 @@ def scoring(checkpoint: str, settings: dict, repeats: int) -> dict:
     }
     for job in jobs.values():  # warm-up: kernels compiled, caches filled
         job()
-    times = {name: [timed(job) for _ in range(repeats)] for name, job in jobs.items()}
+    times = {name: [sync_seconds(job, device)[0] for _ in range(repeats)]
+             for name, job in jobs.items()}
     users = len(loaded.test_data._dataset)
     log.close()
     return {"users": users, "items": loaded.dataset.item_num - 1, "seconds": times}
@@ -94,7 +82,7 @@ def scoring(checkpoint: str, settings: dict, repeats: int) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=None)
-    parser.add_argument("--data_path", default=str(ROOT.parent / "shared" / "datasets"))
+    parser.add_argument("--data_path", default=str(DATA_PATH))
     parser.add_argument("--dataset", default="amazon-sports")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
@@ -123,8 +111,7 @@ def main(argv=None) -> None:
         lines.append(f"| scoring: {name} | {median:.3f} | {', '.join(f'{s:.3f}' for s in times)}"
                      f" | {median / evaluation:.2f} |")
     print("\n".join(lines))
-    if args.json:
-        args.json.write_text(json.dumps({"device": card, "end_to_end_s": e2e, **score}, indent=1))
+    write_json(args.json, {"device": card, "end_to_end_s": e2e, **score})
 
 
 if __name__ == "__main__":

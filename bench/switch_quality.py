@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import runs  # the script beside this one
+from common import publish, run_results, start_run
 
 
 def main(argv=None) -> int:
@@ -40,14 +40,14 @@ def main(argv=None) -> int:
         calls = [[f"--{args.switch}={value}", *([f"--seed={seed}"] if seed else []), *extra]
                  for value, seed in plan]
         if args.parallel:
-            processes = [runs.start(call, d) for call, d in zip(calls, dirs)]
+            processes = [start_run(call, d) for call, d in zip(calls, dirs)]
             codes = [p.wait() for p in processes]
         else:
-            codes = [runs.start(call, d).wait() for call, d in zip(calls, dirs)]
+            codes = [start_run(call, d).wait() for call, d in zip(calls, dirs)]
         if any(codes):
             print(f"switch_quality: a run failed (exit codes {codes})", file=sys.stderr)
             return 1
-        out = [{args.switch: value, "seed_arg": seed, **runs.results(d)}
+        out = [{args.switch: value, "seed_arg": seed, **run_results(d)}
                for (value, seed), d in zip(plan, dirs)]
     metrics = list(out[0]["test_result"])
     lines = [f"| run | {args.switch} | seed | best epoch | epochs | "
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         lines.append(f"| {i} | {run[args.switch]} | {run['seed_arg'] or '-'} | {run['best_epoch']} "
                      f"| {len(run['epochs'])} | "
                      + " | ".join(f"{run['test_result'][m]:.4f}" for m in metrics) + " |")
-    runs.publish(lines, out, args.json)
+    publish(lines, out, args.json)
     return 0
 
 

@@ -1,10 +1,10 @@
 """The whole training step, forward, backward and optimizer, replayed as one CUDA graph.
 
 An eager step of a small model issues a few hundred small kernels from Python; where the GPU
-finishes them faster than the host launches them, the host sets the pace (TiM4Rec at batch 2048,
-L 50: 25.5 ms eager, 12.4 ms replayed, on an H100; at L 200 the GPU sets it, 40.4 and 39.2 ms:
-BENCHMARKS.md, fourth run). Captured once, the step is one graph launch; the kernels, their order and their
-inputs are those of the eager step, so what is computed does not change. Dropout stays random from
+finishes them faster than the host launches them, the host sets the pace (TiM4Rec at L 50, as
+against L 200, where the GPU sets it: BENCHMARKS.md, section GPU step and memory). Captured once,
+the step is one graph launch; the kernels, their order and their inputs are those of the eager
+step, so what is computed does not change. Dropout stays random from
 step to step (PyTorch advances the CUDA generator's offset on every replay).
 
 What a graph needs, and what this module does about it:

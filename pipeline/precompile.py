@@ -122,10 +122,8 @@ def compile_requests(requests: list[tuple], workers: int) -> int:
     each kernel on the current CUDA device.
 
     Part of Triton's compiler runs outside the Python interpreter's lock (the MLIR and LLVM passes,
-    ptxas), so threads compile side by side, though not fully in parallel: 16 threads compile the
-    29 kernels of a TiM4Rec step about 4 times as fast as one thread (BENCHMARKS.md). Worker
-    processes, tried instead on the same H100, were no faster for 133 kernels (18.2 s against
-    17.1 s) and slower for 29 (9.8 s against 4.5 s: each must start and import first). Loading a
+    ptxas), so threads compile side by side, though not fully in parallel; worker processes, which
+    must each start and import first, were no faster (BENCHMARKS.md, section First step). Loading a
     kernel builds its launcher, a small C module compiled once per kernel signature; that too is
     left to the threads. A kernel that fails to compile or load here is skipped: its first launch
     compiles it again and raises where it always would (an autotuner then discards that

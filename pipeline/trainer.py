@@ -37,9 +37,11 @@ class _TensorBoard:
 
 
 @contextlib.contextmanager
-def _tensorboard_in(folder):
+def tensorboard_in(folder):
+    """Within it, a RecBole ``Trainer`` built writes TensorBoard under ``folder`` (opened at the
+    first value), or nowhere when ``folder`` is None."""
     # Trainer.__init__ opens its SummaryWriter under ./log_tensorboard of whatever the current
-    # directory is; point it at the run's own folder instead (or nowhere).
+    # directory is; point it at the run's own folder instead.
     import recbole.trainer.trainer as rb_trainer
 
     original = rb_trainer.get_tensorboard
@@ -113,7 +115,7 @@ class ProjectTrainer(Trainer):
         ``extra``: entries every checkpoint of the run carries (its data, the checkpoint it resumed);
         ``on_first_write``: called once, before the run writes its first file."""
         writes = run is not None and distributed.is_main()
-        with _tensorboard_in(run.tensorboard_dir if writes else None):
+        with tensorboard_in(run.tensorboard_dir if writes else None):
             super().__init__(config, model)
         self.distributed_loss = None  # the loss as a DDP module, in a distributed run
         self._graphed = None  # the CUDA-graph step, built at the first epoch where it is used

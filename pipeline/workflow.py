@@ -41,7 +41,9 @@ class Loaded(NamedTuple):
     # or None where only metrics are computed (evaluate)
 
 
-def _seed_and_precision(config) -> None:
+def seed_and_precision(config) -> None:
+    """Seed every generator from ``config`` and set TF32 as ``enable_tf32`` says, as a run does
+    before it loads its data."""
     import torch
     from recbole.utils import init_seed
 
@@ -51,7 +53,7 @@ def _seed_and_precision(config) -> None:
     torch.backends.cudnn.allow_tf32 = bool(config["enable_tf32"])
 
 
-def _load_data(config, keep_interactions: bool = False):
+def load_data(config, keep_interactions: bool = False):
     """The dataset and its three loaders; with ``keep_interactions``, also every interaction as
     the model reads it (ids, and times as float32), before RecBole turns the dataset's own rows
     into training samples."""
@@ -73,10 +75,13 @@ def _load_data(config, keep_interactions: bool = False):
     return (dataset, *data_preparation(config, dataset), interactions)
 
 
-def _build_model(spec: ModelSpec, config, dataset):
+def build_model(spec: ModelSpec, config, dataset):
+    """``spec``'s model for ``dataset`` on ``config``'s device, its weights drawn from ``config``'s
+    seed; a hyperparameter the model refuses is a :class:`UserError`."""
     from recbole.utils import init_seed
 
-    init_seed(config["seed"], config["reproducibility"])  # the same initial weights however the data loaded
+    # The same initial weights however the data loaded.
+    init_seed(config["seed"], config["reproducibility"])
     try:
         model = spec.model_class(config, dataset)
     except ValueError as error:  # models validate their hyperparameters at construction
@@ -211,13 +216,13 @@ def train(config_files=(), overrides: dict | None = None, *, model: str | None =
         if main and Path(config["checkpoint_dir"]).is_dir():
             for stale in checkpoint.remove_stale_temporaries(config["checkpoint_dir"]):
                 logger.info(f"removed {stale}, left by a run killed while saving")
-        _seed_and_precision(config)
-        dataset, train_data, valid_data, test_data, _ = _load_data(config)
+        seed_and_precision(config)
+        dataset, train_data, valid_data, test_data, _ = load_data(config)
         if resumed is not None:
             check_data(resumed, dataset, source)
         if distributed.active():
             train_data = distributed.shard_train_loader(config, train_data)
-        model_ = _build_model(spec, config, train_data.dataset)
+        model_ = build_model(spec, config, train_data.dataset)
         if distributed.active():
             import torch
 
@@ -303,11 +308,11 @@ def _load(path: Path, data: dict, overrides: dict | None, keep_interactions: boo
 
     config, spec = build_config(data["model"], [], dict(overrides or {}),
                                 base=_saved_settings(data))
-    _seed_and_precision(config)
-    dataset, train_data, valid_data, test_data, interactions = _load_data(config,
+    seed_and_precision(config)
+    dataset, train_data, valid_data, test_data, interactions = load_data(config,
                                                                           keep_interactions)
     check_data(data, dataset, path)
-    model = _build_model(spec, config, train_data.dataset)
+    model = build_model(spec, config, train_data.dataset)
     load_weights(model, data["state_dict"], path, changed_settings(data["config"], config))
     return Loaded(config, model.eval(), dataset, train_data, valid_data, test_data, data, path,
                   interactions)

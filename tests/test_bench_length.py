@@ -1,9 +1,9 @@
-"""bench/length_study.py: its batches are RecBole's training samples, its report, and a smoke run
-of the whole study on the CPU (real data: skipped without ../shared/datasets)."""
+"""bench/length_study.py: its batches are RecBole's training samples (bench/common.py), its
+report, and a smoke run of the whole study on the CPU (real data: skipped without
+../shared/datasets)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,19 +15,11 @@ import torch
 from tests.conftest import ROOT, SHARED_DATASETS
 
 SCRIPT = ROOT / "bench" / "length_study.py"
+if str(ROOT / "bench") not in sys.path:
+    sys.path.insert(0, str(ROOT / "bench"))  # as when the scripts run: python bench/X.py
 
-
-def _load_study():
-    name = "length_study"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-study = _load_study()
+import common  # noqa: E402
+import length_study as study  # noqa: E402
 
 
 def _rows(items, times, targets, lengths):
@@ -51,26 +43,26 @@ def test_samples_are_recboles_training_samples(tiny_data_path, length):
     theirs = _rows(feat["item_id_list"], feat["timestamp_list"], feat["item_id"],
                    feat["item_length"])
 
-    _, arrays = study.load_interactions(str(tiny_data_path), "tiny")
-    target, lengths = study.training_samples(arrays["user"], length, "real")
-    items, times = study.inputs(arrays, target, lengths, length)
+    _, arrays = common.load_interactions(study.CONFIG_FILE, tiny_data_path, "tiny")
+    target, lengths = common.training_samples(arrays["user"], length, "real")
+    items, times = common.inputs(arrays, target, lengths, length)
     assert _rows(items, times, arrays["item"][target], lengths) == theirs
 
-    full_target, full_lengths = study.training_samples(arrays["user"], length, "full")
+    full_target, full_lengths = common.training_samples(arrays["user"], length, "full")
     assert (full_lengths == length).all()
     assert len(full_target) == sum(1 for row in theirs if row[3] == length)
 
 
 def test_drawn_batches(tiny_data_path):
-    _, arrays = study.load_interactions(str(tiny_data_path), "tiny")
-    data = study.draw_batches(arrays, 6, 16, "full")
+    _, arrays = common.load_interactions(study.CONFIG_FILE, tiny_data_path, "tiny")
+    data = common.draw_batches(arrays, 6, 16, "full", study.BATCHES)
     assert data["items"].shape == (study.BATCHES, 16, 6) and data["times"].dtype == torch.float32
     assert (data["lengths"] == 6).all() and (data["items"] > 0).all()
-    real = study.draw_batches(arrays, 20, 16, "real")  # the tiny histories are shorter than 20
+    real = common.draw_batches(arrays, 20, 16, "real", study.BATCHES)  # the tiny histories are shorter than 20
     padded = real["items"] == 0
     assert padded.any()
     assert torch.equal(padded, torch.arange(20) >= real["lengths"][..., None])  # on the right
-    assert "items" not in study.draw_batches(arrays, 100, 16, "full")  # nobody that long
+    assert "items" not in common.draw_batches(arrays, 100, 16, "full", study.BATCHES)  # nobody that long
 
 
 def test_slope_and_tables_report_out_of_memory():
@@ -83,7 +75,7 @@ def test_slope_and_tables_report_out_of_memory():
     results += [{"model": "SASRec", "length": L, "default": "graph",
                  "rows": {"graph": {"step_ms": 1.0 * L, "peak_gb": 4.0}}} for L in lengths[:2]]
     results.append({"model": "SASRec", "length": 800, "default": "graph",
-                    "rows": {"graph": {"error": study.OUT_OF_MEMORY}}})
+                    "rows": {"graph": {"error": common.OUT_OF_MEMORY}}})
     models = ["TiM4Rec", "SASRec"]
     summary = study.summarize(results, models, lengths)
     assert summary["TiM4Rec"]["slope"] == pytest.approx(0.5)
@@ -97,11 +89,11 @@ def test_slope_and_tables_report_out_of_memory():
 
 
 def test_error_text_names_out_of_memory():
-    assert study._error_text(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate")
-                             ) == study.OUT_OF_MEMORY
-    assert study._error_text(RuntimeError("capture failed: CUDA error: out of memory")) == (
-        study.OUT_OF_MEMORY)
-    assert study._error_text(ValueError("bad")) == "ValueError: bad"
+    assert common.error_text(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate")
+                             ) == common.OUT_OF_MEMORY
+    assert common.error_text(RuntimeError("capture failed: CUDA error: out of memory")) == (
+        common.OUT_OF_MEMORY)
+    assert common.error_text(ValueError("bad")) == "ValueError: bad"
 
 
 @pytest.mark.skipif(not (SHARED_DATASETS / "ml-1m-half").is_dir(), reason="needs ../shared")
