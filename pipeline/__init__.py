@@ -12,14 +12,19 @@ RecBole 1.2.1. The Python API, as RecBole's quick_start::
 Modules:
 
 - :mod:`pipeline.compat`: fixes RecBole for numpy 2, pandas 3 and torch >= 2.6 (applied first).
+- :mod:`pipeline.errors`: ``UserError``, bad input that the entry points report in one line.
 - :mod:`pipeline.registry`: finds a model by name, this project's first, then RecBole's.
 - :mod:`pipeline.settings`: builds the RecBole Config from YAML files and ``--key=value`` overrides.
 - :mod:`pipeline.schema`: what each setting accepts, read from its YAML comment.
 - :mod:`pipeline.atomic`: reads the interaction file with every row checked.
+- :mod:`pipeline.scoring`: the scoring head the models share (loss, predict, full-sort scores).
 - :mod:`pipeline.checkpoint`: checkpoints that load with ``torch.load(weights_only=True)``.
 - :mod:`pipeline.vocabulary`: the data a checkpoint was trained on, recorded and compared.
 - :mod:`pipeline.runlog`: per-run names, the log file and the environment report.
 - :mod:`pipeline.trainer`: RecBole's Trainer with those checkpoints and no per-step host syncs.
+- :mod:`pipeline.cuda_graph`: the training step captured once as a CUDA graph and replayed.
+- :mod:`pipeline.precompile`: a step's Triton kernels compiled side by side before it first runs.
+- :mod:`pipeline.autotune`: mamba-ssm's Triton autotune choices, kept once per machine.
 - :mod:`pipeline.precision`: mixed precision (``enable_amp``): bfloat16 autocast, no loss scaling.
 - :mod:`pipeline.distributed`: data-parallel training over processes (torch.distributed).
 - :mod:`pipeline.workflow`: ``train``, ``evaluate`` and ``load``, what a user runs.

@@ -1,9 +1,10 @@
-"""The scoring head that TiM4Rec and the sequential baselines share.
+"""What TiM4Rec and the sequential baselines share: the scoring head, and reading settings.
 
 A model encodes the input sequence into one vector per user, ``sequence_output(interaction)``
 [B D], and scores an item by the dot product with that item's embedding (the input embeddings,
 tied), plus a per-item bias where the model has one (``self.item_bias``, LRURec). From those two
-pieces this mixin gives RecBole's three entry points.
+pieces :class:`ItemScoring` gives RecBole's three entry points. :func:`take_settings` copies a
+model's settings from its Config onto attributes of the same names.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ class ItemScoring:
 
     Mix in before ``SequentialRecommender``. The model sets ``item_embedding`` and ``loss_fct``:
     cross-entropy over all items (``loss_type: CE``), or RecBole's BPRLoss against the sampled
-    negative item (``loss_type: BPR``).
+    negative item (``loss_type: BPR``); and it defines ``forward(item_seq, item_seq_len)`` -> [B D]
+    or overrides :meth:`sequence_output`.
     """
 
-    def sequence_output(self, interaction):  # -> [B D]
-        raise NotImplementedError
+    def sequence_output(self, interaction):
+        """One vector per sequence [B D]: by default ``forward(item_seq, item_seq_len)``, as
+        RecBole's sequential models take it; a model that reads more (times) overrides this."""
+        return self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
 
     def item_scores(self, seq_output, items=None):
         """Scores [B] of ``items`` [B], or [B n_items] of every item when ``items`` is None."""
@@ -52,3 +56,9 @@ class ItemScoring:
 def at_least_float32(t: torch.Tensor) -> torch.Tensor:
     """``t`` in float32 where it is in a half precision (float64 stays float64)."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def take_settings(model, config, *keys: str) -> None:
+    """Sets ``model.<key> = config[<key>]`` for each of ``keys``."""
+    for key in keys:
+        setattr(model, key, config[key])

@@ -208,48 +208,26 @@ def padded(rows, size=5):
     return out
 
 
-def test_tisasrec_personalized_intervals_hand_worked():
+# The interval matrices of TIMES and LENGTHS, worked by hand: one per sequence, its real part.
+HAND_WORKED_INTERVALS = {
+    ("personalized", 4): [
+        [[0, 1, 1, 2, 4], [1, 0, 0, 1, 4], [1, 0, 0, 1, 4], [2, 1, 1, 0, 2], [4, 4, 4, 2, 0]],
+        [[0]], [[0, 1], [1, 0]], [[0, 1, 3], [1, 0, 2], [3, 2, 0]]],
+    ("raw", 200): [
+        [[0, 60, 60, 150, 200], [60, 0, 0, 90, 200], [60, 0, 0, 90, 200], [150, 90, 90, 0, 150],
+         [200, 200, 200, 150, 0]],
+        [[0]], [[0, 3], [3, 0]], [[0, 128, 200], [128, 0, 200], [200, 200, 0]]],
+}
+
+
+@pytest.mark.parametrize("mode, time_span", list(HAND_WORKED_INTERVALS),
+                         ids=[mode for mode, _ in HAND_WORKED_INTERVALS])
+def test_tisasrec_intervals_hand_worked(mode, time_span):
     interval_matrix = load_baseline("TiSASRec").interval_matrix
-    expected = torch.stack(
-        [
-            torch.tensor(
-                [
-                    [0, 1, 1, 2, 4],
-                    [1, 0, 0, 1, 4],
-                    [1, 0, 0, 1, 4],
-                    [2, 1, 1, 0, 2],
-                    [4, 4, 4, 2, 0],
-                ]
-            ),
-            padded([[0]]),
-            padded([[0, 1], [1, 0]]),
-            padded([[0, 1, 3], [1, 0, 2], [3, 2, 0]]),
-        ]
-    )
-    got = interval_matrix(TIMES, LENGTHS, time_span=4, mode="personalized")
+    expected = torch.stack([padded(rows) for rows in HAND_WORKED_INTERVALS[mode, time_span]])
+    got = interval_matrix(TIMES, LENGTHS, time_span=time_span, mode=mode)
     assert got.dtype == torch.long
     torch.testing.assert_close(got, expected)
-
-
-def test_tisasrec_raw_intervals_hand_worked():
-    interval_matrix = load_baseline("TiSASRec").interval_matrix
-    expected = torch.stack(
-        [
-            torch.tensor(
-                [
-                    [0, 60, 60, 150, 200],
-                    [60, 0, 0, 90, 200],
-                    [60, 0, 0, 90, 200],
-                    [150, 90, 90, 0, 150],
-                    [200, 200, 200, 150, 0],
-                ]
-            ),
-            padded([[0]]),
-            padded([[0, 3], [3, 0]]),
-            padded([[0, 128, 200], [128, 0, 200], [200, 200, 0]]),
-        ]
-    )
-    torch.testing.assert_close(interval_matrix(TIMES, LENGTHS, time_span=200, mode="raw"), expected)
 
 
 def test_tisasrec_interval_mode_is_validated():

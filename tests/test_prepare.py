@@ -176,27 +176,27 @@ def steam_gz(tmp_path: Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_ml1m_zip_gives_expected_atomic_file(tmp_path):
-    raw = write_ml_zip(tmp_path / "ml-1m.zip")
-    result = run_prepare("ml-1m", raw, out=tmp_path / "out")
+def assert_prepares(name: str, raw: Path, expected: str) -> subprocess.CompletedProcess:
+    """``prepare.py name raw`` into ``out/`` beside ``raw`` succeeds and writes ``expected``."""
+    result = run_prepare(name, raw, out=raw.parent / "out")
     assert result.returncode == 0, result.stderr
+    assert prepared(raw.parent / "out", name) == expected
+    return result
+
+
+def test_ml1m_zip_gives_expected_atomic_file(tmp_path):
+    result = assert_prepares("ml-1m", write_ml_zip(tmp_path / "ml-1m.zip"), ML_EXPECTED)
     assert result.stderr == ""
-    assert prepared(tmp_path / "out", "ml-1m") == ML_EXPECTED
     assert "5-core" in result.stdout
 
 
 def test_ml1m_ratings_dat_equals_zip(tmp_path):
-    raw = write_text(tmp_path / "ratings.dat", ML_RATINGS)
-    result = run_prepare("ml-1m", raw, out=tmp_path / "out")
-    assert result.returncode == 0, result.stderr
-    assert prepared(tmp_path / "out", "ml-1m") == ML_EXPECTED
+    assert_prepares("ml-1m", write_text(tmp_path / "ratings.dat", ML_RATINGS), ML_EXPECTED)
 
 
 def test_amazon_csv_gives_expected_atomic_file(tmp_path):
     raw = write_text(tmp_path / "ratings_Beauty.csv", AMAZON_CSV)
-    result = run_prepare("amazon-beauty", raw, out=tmp_path / "out")
-    assert result.returncode == 0, result.stderr
-    assert prepared(tmp_path / "out", "amazon-beauty") == AMAZON_EXPECTED
+    assert_prepares("amazon-beauty", raw, AMAZON_EXPECTED)
 
 
 @pytest.mark.parametrize("compressed", [False, True], ids=["json", "json.gz"])
@@ -206,16 +206,12 @@ def test_amazon_reviews_json_matches_csv(tmp_path, compressed):
         raw = write_gzip(tmp_path / "reviews_Sports_and_Outdoors_5.json.gz", text)
     else:
         raw = write_text(tmp_path / "reviews_Sports_and_Outdoors_5.json", text)
-    result = run_prepare("amazon-sports", raw, out=tmp_path / "out")
-    assert result.returncode == 0, result.stderr
-    assert prepared(tmp_path / "out", "amazon-sports") == AMAZON_EXPECTED
+    assert_prepares("amazon-sports", raw, AMAZON_EXPECTED)
 
 
 def test_kuairand_keeps_clicks_with_exact_seconds(tmp_path):
     raw = write_text(tmp_path / "log_standard_4_08_to_4_21_pure.csv", KUAIRAND_CSV)
-    result = run_prepare("kuairand", raw, out=tmp_path / "out")
-    assert result.returncode == 0, result.stderr
-    assert prepared(tmp_path / "out", "kuairand") == KUAIRAND_EXPECTED
+    assert_prepares("kuairand", raw, KUAIRAND_EXPECTED)
 
 
 def test_kuairand_folder_reads_logs_in_name_order(tmp_path):
@@ -234,9 +230,7 @@ def test_kuairand_folder_reads_logs_in_name_order(tmp_path):
 
 
 def test_steam_python_literals(tmp_path):
-    result = run_prepare("steam", steam_gz(tmp_path), out=tmp_path / "out")
-    assert result.returncode == 0, result.stderr
-    assert prepared(tmp_path / "out", "steam") == STEAM_EXPECTED
+    assert_prepares("steam", steam_gz(tmp_path), STEAM_EXPECTED)
 
 
 # ---------------------------------------------------------------------------------------------

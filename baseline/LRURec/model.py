@@ -50,7 +50,7 @@ from recbole.model.loss import BPRLoss
 from torch import nn
 
 from pipeline import compat
-from pipeline.scoring import ItemScoring
+from pipeline.scoring import ItemScoring, take_settings
 
 compat.apply()  # RecBole 1.2.1 on numpy 2 and pandas 3, in RecBole's own flow too
 
@@ -168,14 +168,8 @@ class LRURec(ItemScoring, SequentialRecommender):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        self.hidden_size = config["hidden_size"]
-        self.n_layers = config["n_layers"]
-        self.dropout_prob = config["dropout_prob"]
-        self.r_min = config["r_min"]
-        self.r_max = config["r_max"]
-        self.layer_norm_eps = config["layer_norm_eps"]
-        self.initializer_range = config["initializer_range"]
-        self.loss_type = config["loss_type"]
+        take_settings(self, config, "hidden_size", "n_layers", "dropout_prob", "r_min", "r_max",
+                      "layer_norm_eps", "initializer_range", "loss_type")
         self._check_config()
 
         self.item_embedding = nn.Embedding(self.n_items, self.hidden_size)
@@ -229,6 +223,3 @@ class LRURec(ItemScoring, SequentialRecommender):
 
     def forward(self, item_seq, item_seq_len):
         return self.encode(item_seq, item_seq_len)[:, -1]  # [B D]
-
-    def sequence_output(self, interaction):
-        return self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])

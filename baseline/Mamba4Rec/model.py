@@ -50,7 +50,7 @@ from torch import nn
 
 from baseline.Mamba4Rec.mamba_block import MambaBlock
 from pipeline import compat
-from pipeline.scoring import ItemScoring
+from pipeline.scoring import ItemScoring, take_settings
 
 compat.apply()  # RecBole 1.2.1 on numpy 2 and pandas 3, in RecBole's own flow too
 
@@ -157,13 +157,8 @@ class Mamba4Rec(ItemScoring, SequentialRecommender):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        self.hidden_size = config["hidden_size"]
-        self.num_layers = config["num_layers"]
-        self.dropout_prob = config["dropout_prob"]
-        self.d_state = config["d_state"]
-        self.d_conv = config["d_conv"]
-        self.expand = config["expand"]
-        self.loss_type = config["loss_type"]
+        take_settings(self, config, "hidden_size", "num_layers", "dropout_prob", "d_state", "d_conv",
+                      "expand", "loss_type")
         self._check_config()
         self.backend = select_backend(config["mamba_backend"], self.device)
 
@@ -211,6 +206,3 @@ class Mamba4Rec(ItemScoring, SequentialRecommender):
 
     def forward(self, item_seq, item_seq_len):
         return self.gather_indexes(self.encode(item_seq), item_seq_len - 1)  # [B D]
-
-    def sequence_output(self, interaction):
-        return self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])

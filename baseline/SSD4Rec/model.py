@@ -51,7 +51,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from torch import nn
 
 from pipeline import compat
-from pipeline.scoring import ItemScoring
+from pipeline.scoring import ItemScoring, take_settings
 from ssd import TimeAwareSSD
 from ssd_ops.backend import resolve_backend
 from tim4rec import TiSSDLayer
@@ -133,11 +133,8 @@ class SSD4Rec(ItemScoring, SequentialRecommender):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        self.hidden_size = config["hidden_size"]
-        self.num_layers = config["num_layers"]
-        self.dropout_prob = config["dropout_prob"]
-        self.norm_eps = config["norm_eps"]
-        self.bidirectional = config["bidirectional"]
+        take_settings(self, config, "hidden_size", "num_layers", "dropout_prob", "norm_eps",
+                      "bidirectional")
         self._check_config(config)
         self.ssd_backend = resolve_backend(config["ssd_backend"], self.device)
         logger.info(
@@ -213,6 +210,3 @@ class SSD4Rec(ItemScoring, SequentialRecommender):
 
     def forward(self, item_seq, item_seq_len):
         return self.gather_indexes(self.encode(item_seq, item_seq_len), item_seq_len - 1)  # [B D]
-
-    def sequence_output(self, interaction):
-        return self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])

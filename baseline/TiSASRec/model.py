@@ -62,7 +62,7 @@ from recbole.model.loss import BPRLoss
 from torch import nn
 
 from pipeline import compat
-from pipeline.scoring import ItemScoring
+from pipeline.scoring import ItemScoring, take_settings
 
 compat.apply()  # RecBole 1.2.1 on numpy 2 and pandas 3, in RecBole's own flow too
 
@@ -241,18 +241,9 @@ class TiSASRec(ItemScoring, SequentialRecommender):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        self.hidden_size = config["hidden_size"]
-        self.inner_size = config["inner_size"]
-        self.n_layers = config["n_layers"]
-        self.n_heads = config["n_heads"]
-        self.hidden_dropout_prob = config["hidden_dropout_prob"]
-        self.attn_dropout_prob = config["attn_dropout_prob"]
-        self.hidden_act = config["hidden_act"]
-        self.layer_norm_eps = config["layer_norm_eps"]
-        self.initializer_range = config["initializer_range"]
-        self.time_span = config["time_span"]
-        self.interval_mode = config["interval_mode"]
-        self.loss_type = config["loss_type"]
+        take_settings(self, config, "hidden_size", "inner_size", "n_layers", "n_heads",
+                      "hidden_dropout_prob", "attn_dropout_prob", "hidden_act", "layer_norm_eps",
+                      "initializer_range", "time_span", "interval_mode", "loss_type")
         self.TIME_SEQ = config["TIME_FIELD"] + config["LIST_SUFFIX"]
         self._check_config(dataset)
 
