@@ -14,7 +14,7 @@ Each setting runs in its own process, on one real batch and the real data loader
   trainer runs it), ``graph`` (this project's default on one GPU: :mod:`pipeline.cuda_graph`); for
   TiM4Rec also ``graph, recompute`` (the FFN's hidden layer computed again in backward), ``graph,
   unfused`` (``fused: False``: the SSD block as separate modules, not one
-  :class:`ssd.FusedSSDBlock`, and dropout, residual and LayerNorm as separate modules), ``graph,
+  :class:`ssd_ops.fused_block.FusedSSDBlock`, and dropout, residual and LayerNorm as separate modules), ``graph,
   every position`` (``last_position_only: False``: the last layer's position-wise part at every
   position, not only the scored one), ``graph, padded`` (``skip_padding: False``: every position
   of the padded batch, not only the real ones), ``graph, chunk 64`` (the scan in chunks of 64
