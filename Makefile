@@ -1,23 +1,33 @@
 # Two commands set everything up in a virtual environment (.venv) and run:
-#   make train   trains TiM4Rec on MovieLens-100K (shipped with RecBole); ARGS="--epochs=5" passes options
-#   make test    runs the test suite
+#   make train   trains TiM4Rec on MovieLens-100K (shipped with RecBole); ARGS="--epochs=5"
+#                passes options to run.py
+#   make test    runs the test suite; ARGS="-q -x" passes options to pytest
+# The package lists are the requirements*.txt files (environment.yaml reads the same ones).
+# PYTHON=python3.12 picks the interpreter that creates the venv. Without a GPU, PyTorch's CPU-only
+# build (no CUDA libraries): PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu make train
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
 
-.PHONY: install install-dev train test clean-venv
+.PHONY: install install-dev install-gpu train test clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# RecBole goes in without its dependencies: they are in requirements.txt, less its pinned ray.
+# RecBole with --no-deps: requirements-recbole.txt says why
 install: $(BIN)/python
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements.txt
-	$(BIN)/python -m pip install --quiet --no-deps recbole==1.2.1
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -r requirements.txt
+	$(PIP) install --quiet --no-deps -r requirements-recbole.txt
 
 install-dev: install
-	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	$(PIP) install --quiet -r requirements-dev.txt
+
+# CUDA machines: mamba-ssm's Triton kernels, built against the installed torch
+install-gpu: install
+	MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE \
+	    $(PIP) install --no-build-isolation -r requirements-gpu.txt
 
 train: install
 	$(BIN)/python run.py $(ARGS)

@@ -19,24 +19,23 @@ import zipfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "dataset" / "prepare.py"
 SHARED = REPO_ROOT.parent / "shared" / "datasets"
 
+# prepare.py and its modules import each other as top-level modules, as when run as a script.
+# Appended, not prepended: the folder also holds prepared datasets, which must shadow nothing.
+if str(SCRIPT.parent) not in sys.path:
+    sys.path.append(str(SCRIPT.parent))
+import prepare  # noqa: E402
+import prepare_readers  # noqa: E402
+import prepare_rows  # noqa: E402
+import prepare_stats  # noqa: E402
+
 RATED_HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
-
-
-def load_prepare():
-    """dataset/prepare.py as a module (registered first: dataclasses look their module up)."""
-    if "prepare" in sys.modules:
-        return sys.modules["prepare"]
-    spec = importlib.util.spec_from_file_location("prepare", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["prepare"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_prepare(*args: object, out: Path | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -176,42 +175,41 @@ def steam_gz(tmp_path: Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def assert_prepares(name: str, raw: Path, expected: str) -> subprocess.CompletedProcess:
-    """``prepare.py name raw`` into ``out/`` beside ``raw`` succeeds and writes ``expected``."""
-    result = run_prepare(name, raw, out=raw.parent / "out")
+def amazon_json_text() -> str:
+    return "\n".join(amazon_json_lines()) + "\n"
+
+
+# Each official raw format: (dataset name, raw file written under a folder, expected atomic file).
+GOOD_INPUTS = {
+    "ml-1m zip": ("ml-1m", lambda p: write_ml_zip(p / "ml-1m.zip"), ML_EXPECTED),
+    "ml-1m ratings.dat": ("ml-1m", lambda p: write_text(p / "ratings.dat", ML_RATINGS),
+                          ML_EXPECTED),
+    "amazon csv": ("amazon-beauty", lambda p: write_text(p / "ratings_Beauty.csv", AMAZON_CSV),
+                   AMAZON_EXPECTED),
+    "amazon json": ("amazon-sports",
+                    lambda p: write_text(p / "reviews_Sports_and_Outdoors_5.json",
+                                         amazon_json_text()),
+                    AMAZON_EXPECTED),
+    "amazon json.gz": ("amazon-sports",
+                       lambda p: write_gzip(p / "reviews_Sports_and_Outdoors_5.json.gz",
+                                            amazon_json_text()),
+                       AMAZON_EXPECTED),
+    "kuairand clicks": ("kuairand",
+                        lambda p: write_text(p / "log_standard_4_08_to_4_21_pure.csv",
+                                             KUAIRAND_CSV),
+                        KUAIRAND_EXPECTED),
+    "steam literals": ("steam", steam_gz, STEAM_EXPECTED),
+}
+
+
+@pytest.mark.parametrize("case", list(GOOD_INPUTS), ids=list(GOOD_INPUTS))
+def test_raw_format_gives_expected_atomic_file(tmp_path, case):
+    name, make_raw, expected = GOOD_INPUTS[case]
+    result = run_prepare(name, make_raw(tmp_path), out=tmp_path / "out")
     assert result.returncode == 0, result.stderr
-    assert prepared(raw.parent / "out", name) == expected
-    return result
-
-
-def test_ml1m_zip_gives_expected_atomic_file(tmp_path):
-    result = assert_prepares("ml-1m", write_ml_zip(tmp_path / "ml-1m.zip"), ML_EXPECTED)
     assert result.stderr == ""
+    assert prepared(tmp_path / "out", name) == expected
     assert "5-core" in result.stdout
-
-
-def test_ml1m_ratings_dat_equals_zip(tmp_path):
-    assert_prepares("ml-1m", write_text(tmp_path / "ratings.dat", ML_RATINGS), ML_EXPECTED)
-
-
-def test_amazon_csv_gives_expected_atomic_file(tmp_path):
-    raw = write_text(tmp_path / "ratings_Beauty.csv", AMAZON_CSV)
-    assert_prepares("amazon-beauty", raw, AMAZON_EXPECTED)
-
-
-@pytest.mark.parametrize("compressed", [False, True], ids=["json", "json.gz"])
-def test_amazon_reviews_json_matches_csv(tmp_path, compressed):
-    text = "\n".join(amazon_json_lines()) + "\n"
-    if compressed:
-        raw = write_gzip(tmp_path / "reviews_Sports_and_Outdoors_5.json.gz", text)
-    else:
-        raw = write_text(tmp_path / "reviews_Sports_and_Outdoors_5.json", text)
-    assert_prepares("amazon-sports", raw, AMAZON_EXPECTED)
-
-
-def test_kuairand_keeps_clicks_with_exact_seconds(tmp_path):
-    raw = write_text(tmp_path / "log_standard_4_08_to_4_21_pure.csv", KUAIRAND_CSV)
-    assert_prepares("kuairand", raw, KUAIRAND_EXPECTED)
 
 
 def test_kuairand_folder_reads_logs_in_name_order(tmp_path):
@@ -227,10 +225,6 @@ def test_kuairand_folder_reads_logs_in_name_order(tmp_path):
     assert prepared(tmp_path / "out", "kuairand").splitlines()[1:] == [
         "5\t201\t1649999999", "5\t200\t1649999999",
     ]
-
-
-def test_steam_python_literals(tmp_path):
-    assert_prepares("steam", steam_gz(tmp_path), STEAM_EXPECTED)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,14 +247,10 @@ def test_ties_keep_file_order(tmp_path):
         assert got == [item for n, item in enumerate(items) if str(1 + n % 2) == user]
 
 
-@pytest.mark.parametrize("name", ["ml-1m", "amazon-beauty", "kuairand", "steam"])
-def test_same_input_gives_identical_bytes(tmp_path, name):
-    raw = {
-        "ml-1m": lambda: write_ml_zip(tmp_path / "ml-1m.zip"),
-        "amazon-beauty": lambda: write_text(tmp_path / "ratings.csv", AMAZON_CSV),
-        "kuairand": lambda: write_text(tmp_path / "log.csv", KUAIRAND_CSV),
-        "steam": lambda: steam_gz(tmp_path),
-    }[name]()
+@pytest.mark.parametrize("case", ["ml-1m zip", "amazon csv", "kuairand clicks", "steam literals"])
+def test_same_input_gives_identical_bytes(tmp_path, case):
+    name, make_raw, _ = GOOD_INPUTS[case]
+    raw = make_raw(tmp_path)
     first = run_prepare(name, raw, out=tmp_path / "a")
     second = run_prepare(name, raw, out=tmp_path / "b")
     assert first.returncode == second.returncode == 0
@@ -270,19 +260,17 @@ def test_same_input_gives_identical_bytes(tmp_path, name):
 
 
 def test_number_formatting_round_trips():
-    prepare = load_prepare()
-    assert [prepare.format_number(t) for t in ("5", "5.0", "4.5", "0.1", "-0.0", "1e3")] == [
+    assert [prepare_rows.format_number(t) for t in ("5", "5.0", "4.5", "0.1", "-0.0", "1e3")] == [
         "5", "5", "4.5", "0.1", "0", "1000",
     ]
     for ticks in (1649412412946, 1649412413000, 1649412413100, 5, -1500):
-        text = prepare.format_ticks(ticks, 1000)
+        text = prepare_rows.format_ticks(ticks, 1000)
         assert float(text) == ticks / 1000
         assert not text.endswith("0") or "." not in text
-    assert prepare.format_ticks(978300760, 1) == "978300760"
+    assert prepare_rows.format_ticks(978300760, 1) == "978300760"
 
 
 def test_default_out_is_the_scripts_folder(tmp_path):
-    prepare = load_prepare()
     args = prepare.build_parser().parse_args(["ml-1m", "ratings.dat"])
     assert args.out == SCRIPT.parent
 
@@ -400,7 +388,6 @@ def test_check_notes_when_no_checksum_is_published(tmp_path):
 
 
 def test_md5_matches_hashlib(tmp_path):
-    prepare = load_prepare()
     raw = write_ml_zip(tmp_path / "ml-1m.zip")
     assert prepare.md5_of(raw) == hashlib.md5(raw.read_bytes()).hexdigest()
 
@@ -459,23 +446,22 @@ def recbole_dataset(data_path: Path, name: str, monkeypatch):
 
 
 def test_kcore_statistics_equal_recbole_filtering(tmp_path, monkeypatch, capsys):
-    prepare = load_prepare()
     raw = write_text(tmp_path / "ratings.csv", kcore_fixture_csv())
     prepare.prepare("amazon-kc", [raw], tmp_path)
     printed = capsys.readouterr().out
 
-    rows = prepare.Interactions(1)
-    rows.extend(prepare.read_amazon([raw]))
+    rows = prepare_rows.Interactions(1)
+    rows.extend(prepare_readers.read_amazon([raw]))
     users, items = rows.column("user_col"), rows.column("item_col")
-    _, ours, na_rows = prepare.dataset_stats(rows)
-    kept = prepare.kcore_mask(users, items, prepare.recbole_loaded(rows))
+    _, ours, na_rows = prepare_stats.dataset_stats(rows)
+    kept = prepare_stats.kcore_mask(users, items, prepare_stats.recbole_loaded(rows))
     assert na_rows >= 12  # the 'NA' and 'null' users, whom RecBole drops on loading
 
     # The fixture must exercise the iteration: one round of bans is not the fixed point.
-    loaded = prepare.recbole_loaded(rows)
+    loaded = prepare_stats.recbole_loaded(rows)
     one_round = loaded & ~(
-        (prepare.np.bincount(users[loaded], minlength=len(rows.users)) < 5)[users]
-        | (prepare.np.bincount(items[loaded], minlength=len(rows.items)) < 5)[items]
+        (np.bincount(users[loaded], minlength=len(rows.users)) < 5)[users]
+        | (np.bincount(items[loaded], minlength=len(rows.items)) < 5)[items]
     )
     assert one_round.sum() != kept.sum()
 
@@ -492,7 +478,7 @@ def test_kcore_statistics_equal_recbole_filtering(tmp_path, monkeypatch, capsys)
     user_tokens, item_tokens = rows.users.tokens(), rows.items.tokens()
     ticks = rows.column("ticks")
     mine = Counter(
-        (user_tokens[users[i]], item_tokens[items[i]], int(ticks[i])) for i in prepare.np.flatnonzero(kept)
+        (user_tokens[users[i]], item_tokens[items[i]], int(ticks[i])) for i in np.flatnonzero(kept)
     )
     assert mine == theirs
     assert any(user == 'say "hi"' for user, _, _ in theirs)  # a quoted id read back intact
