@@ -137,9 +137,8 @@ class TimeAwareSSD(nn.Module):
 
     ``fused``: where mamba-ssm's Triton kernels run, the block from in_proj to out_proj runs as
     one autograd node, :class:`~ssd_ops.fused_block.FusedSSDBlock` (the same values in less time
-    and memory: BENCHMARKS.md, section "the SSD block as one autograd node, a Triton
-    convolution"); ``fused=False`` runs it as separate modules (the convolution through
-    PyTorch), the reference it is tested against.
+    and memory: BENCHMARKS.md, History: commit fe9c268); ``fused=False`` runs it as separate
+    modules (the convolution through PyTorch), the reference it is tested against.
 
     With ``is_time=False, conv_activation="silu", bias=False`` this is mamba-ssm's ``Mamba2`` mixer
     with its defaults (one B/C group, projections without bias), as SSD4Rec uses it.
@@ -225,9 +224,8 @@ class TimeAwareSSD(nn.Module):
     def scan_chunk_size(self, x) -> int:
         """``chunk_size`` for the Triton kernel; for the PyTorch scan, a sequence of up to
         ``WHOLE_SEQUENCE_CHUNK`` steps is one chunk: no padding to a multiple of the chunk and no
-        pass between chunks (faster on a CPU: BENCHMARKS.md, section "CPU: one training epoch on
-        MovieLens-100K"). Chunking orders the floating-point operations; it does not change what
-        is computed."""
+        pass between chunks (faster on a CPU: BENCHMARKS.md, History: ``bench/cpu_parts.py``).
+        Chunking orders the floating-point operations; it does not change what is computed."""
         seqlen = x.shape[1]
         if uses_triton(self.backend, x) or seqlen > WHOLE_SEQUENCE_CHUNK:
             return self.chunk_size

@@ -217,7 +217,7 @@ class TiSSDLayer(nn.Module):
     and LayerNorm runs as one kernel too (:func:`dropout_add_layer_norm`). ``forward(x, tau, at)``
     with ``at`` [B] gives the layer's output at one position per sequence, [B D]: everything after
     the scan is position-wise, so it runs there only. With ``packing``, x [1 S D] holds the batch's
-    real positions (:class:`ssd_ops.packing.Packing`), and ``at`` is slots.
+    real positions (:class:`~ssd_ops.packing.Packing`), and ``at`` is slots.
     """
 
     def __init__(self, d_model: int, dropout: float, norm_eps: float, residual: bool, is_ffn: bool,
@@ -270,7 +270,7 @@ class TiM4Rec(ItemScoring, SequentialRecommender):
         ``last_position_only: False`` computes every position, as upstream.
 
         The layers compute at the real positions only (``skip_padding: True``, the default): the
-        batch's sequences laid end to end without their padding (:class:`ssd_ops.packing.Packing`), the
+        batch's sequences laid end to end without their padding (:class:`~ssd_ops.packing.Packing`), the
         convolution and the scan kept from crossing from one sequence to the next. Nothing at a
         real position reads a padded one there (the convolution and the scan are causal, the
         rest position-wise), so the scores and gradients are those of the padded batch; the time
@@ -314,8 +314,8 @@ class TiM4Rec(ItemScoring, SequentialRecommender):
     defaults_file = ROOT / "config" / "model" / "TiM4Rec.yaml"  # any setting a Config lacks
 
     # On the CPU, a batch is packed where at most this share of its positions is real: above
-    # it, the padded batch's faster convolution and one-chunk scan win (BENCHMARKS.md, section
-    # "CPU: one training epoch on MovieLens-100K").
+    # it, the padded batch's faster convolution and one-chunk scan win (BENCHMARKS.md, History:
+    # bench/cpu_packing.py).
     CPU_PACK_BELOW = 0.65
 
     def __init__(self, config, dataset):
@@ -410,7 +410,7 @@ class TiM4Rec(ItemScoring, SequentialRecommender):
         return last(h, tau, at, packing)[0]
 
     def packing(self, item_seq_len, seqlen: int) -> Packing | None:
-        """How a batch's real positions are laid out (:class:`ssd_ops.packing.Packing`), or None for the
+        """How a batch's real positions are laid out (:class:`~ssd_ops.packing.Packing`), or None for the
         padded batch: without ``skip_padding``; on a GPU outside :meth:`fixed_pack_size` (the
         packing's size would be read from the GPU, and the host would wait for it); on the CPU,
         where more than ``CPU_PACK_BELOW`` of the batch's positions are real."""

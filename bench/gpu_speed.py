@@ -14,12 +14,12 @@ Each setting runs in its own process, on one real batch and the real data loader
   trainer runs it), ``graph`` (this project's default on one GPU: :mod:`pipeline.cuda_graph`); for
   TiM4Rec also ``graph, recompute`` (the FFN's hidden layer computed again in backward), ``graph,
   unfused`` (``fused: False``: the SSD block as separate modules, not one
-  :class:`ssd_ops.fused_block.FusedSSDBlock`, and dropout, residual and LayerNorm as separate modules), ``graph,
-  every position`` (``last_position_only: False``: the last layer's position-wise part at every
-  position, not only the scored one), ``graph, padded`` (``skip_padding: False``: every position
-  of the padded batch, not only the real ones), ``graph, chunk 64`` (the scan in chunks of 64
-  steps: the same function, other kernel shapes), ``graph, TF32`` (opt-in: changes float32
-  results) and ``graph, bf16`` (``enable_amp``: the forward under bfloat16 autocast, as the
+  :class:`~ssd_ops.fused_block.FusedSSDBlock`, and dropout, residual and LayerNorm as separate
+  modules), ``graph, every position`` (``last_position_only: False``: the last layer's position-wise
+  part at every position, not only the scored one), ``graph, padded`` (``skip_padding: False``:
+  every position of the padded batch, not only the real ones), ``graph, chunk 64`` (the scan in
+  chunks of 64 steps: the same function, other kernel shapes), ``graph, TF32`` (opt-in: changes
+  float32 results) and ``graph, bf16`` (``enable_amp``: the forward under bfloat16 autocast, as the
   trainer runs it; SASRec has this row too, and the tables give each model's bf16 step over its
   float32 one). The control is SASRec (the paper's settings: 8 heads) ``eager + anomaly``: RecBole
   turns on autograd anomaly detection for the whole process when its model package is imported

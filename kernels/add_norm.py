@@ -5,7 +5,7 @@ so twice (after the SSD block and after the FFN). As PyTorch modules that is a d
 and a product), an addition and a LayerNorm, each a pass over the tensors forward and backward,
 and PyTorch's LayerNorm kernels are slow at N = 64. mamba-ssm's fused ``layer_norm_fn`` does the
 same maths with one row per program, which leaves its backward bound by latency at this width
-(BENCHMARKS.md, section "fused layer ends and FFN, in_proj computed again"). These kernels take a
+(BENCHMARKS.md, History: commit b48e3b4). These kernels take a
 block of rows per program and pass over each tensor once:
 
 - :func:`dropout_add_norm` forward keeps ``s = dropout(x) + residual`` and each row's mean and

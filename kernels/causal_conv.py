@@ -3,7 +3,7 @@
 TiM4Rec's in_proj writes x, B and C as [B L C] rows, and mamba-ssm's scan reads them so. PyTorch's
 depthwise ``conv1d`` wants [B C L]: with it, every pass (forward, the recomputation in backward, the
 backward itself) adds transposed copies of the whole tensor, and its depthwise kernels are slow at
-this size (BENCHMARKS.md, section "the SSD block as one autograd node, a Triton convolution").
+this size (BENCHMARKS.md, History: commit fe9c268).
 These two kernels read and write the [B L C] layout directly, with any row stride (in_proj's output
 is read in place):
 

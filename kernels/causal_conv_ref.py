@@ -29,8 +29,8 @@ def causal_conv1d(x, weight, bias, seq_idx=None):
             x, weight, bias, seq_idx)
     if x.device.type == "cpu" and x.stride(1) == 1:
         # x is a [B L C] tensor seen as [B C L]. On the CPU, the same convolution as a 2-D one
-        # over that channels-last layout runs faster forward and backward (BENCHMARKS.md, "CPU:
-        # one training epoch on MovieLens-100K"), with no copy into [B C L]; the result is again
+        # over that channels-last layout runs faster forward and backward (BENCHMARKS.md, History:
+        # bench/cpu_parts.py), with no copy into [B C L]; the result is again
         # channels-last ([B L C] memory).
         out = F.conv2d(x.unsqueeze(2), weight.unsqueeze(2), bias, padding=(0, width - 1),
                        groups=x.shape[1])  # [B C 1 L+K-1]

@@ -4,8 +4,8 @@
 ``padding_idx``. PyTorch computes it without atomics: it sorts the indices, then sums each run of
 equal indices in parts, and sums the parts. At TiM4Rec's training sizes (hundreds of thousands of
 positions of a few thousand items, a large share of them padding) its summing kernel is held back
-by the long runs (padding, popular items) that it sums in series (BENCHMARKS.md, section "the item
-embedding's gradient, the gated norm, memory at the peaks").
+by the long runs (padding, popular items) that it sums in series (BENCHMARKS.md, History: commit
+4342260).
 This kernel adds each position's row into the table with atomic additions, skipping padding: one
 pass over ``grad``. The order of the additions varies from run to run, so the result does in its
 last bits; :func:`embedding_grad` leaves the work to PyTorch when deterministic algorithms are

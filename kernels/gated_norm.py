@@ -3,7 +3,7 @@
 ``out = g / rms(g) * weight`` with ``g = y * silu(z)``, over the last axis of [M E] rows (one group:
 ``RMSNormGated(E, norm_before_gate=False)`` of mamba-ssm). mamba-ssm's own kernels take one row per
 program, which leaves its backward far from the memory bandwidth at TiM4Rec's widths (E = 128 at
-64d; BENCHMARKS.md, section "the item embedding's gradient, the gated norm, memory at the peaks").
+64d; BENCHMARKS.md, History: commit 4342260).
 These take a block of rows per program and pass over each tensor once:
 
 - :func:`gated_rms_norm` writes ``out`` and each row's ``1/rms``;

@@ -161,6 +161,6 @@ class FusedSSDBlock(torch.autograd.Function):
 
 def column_sums(m):  # [T N] -> [N]
     """``m.sum(0)`` as a matrix-vector product, which reads a tall [T N] matrix at a higher
-    bandwidth than PyTorch's column reduction on a GPU (the bias gradients: BENCHMARKS.md, section
-    "fused layer ends and FFN, in_proj computed again")."""
+    bandwidth than PyTorch's column reduction on a GPU (the bias gradients: BENCHMARKS.md, History:
+    ``bench/column_sums.py``)."""
     return torch.mv(m.t(), m.new_ones(m.shape[0]))

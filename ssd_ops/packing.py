@@ -30,8 +30,8 @@ class Packing(NamedTuple):
     the stream, up to a fixed capacity, so that shapes need not depend on the batch) repeat the
     batch's first position and are numbered B: filler that nothing reads (its runs may pass state
     to one another). Rows, because mamba-ssm's scan passes its state from chunk to chunk one chunk
-    after the other along a row: rows run those passes side by side (BENCHMARKS.md, section "the
-    real positions only").
+    after the other along a row: rows run those passes side by side (BENCHMARKS.md, section GPU step
+    and memory).
 
     The layers see the slots as one sequence [1 S ...] (S = R * width); the convolution and the
     scan as R rows [R width ...], with ``seq_idx``, so that nothing passes from one sequence to

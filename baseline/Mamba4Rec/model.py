@@ -157,8 +157,8 @@ class Mamba4Rec(ItemScoring, SequentialRecommender):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        take_settings(self, config, "hidden_size", "num_layers", "dropout_prob", "d_state", "d_conv",
-                      "expand", "loss_type")
+        take_settings(self, config, "hidden_size", "num_layers", "dropout_prob", "d_state",
+                      "d_conv", "expand", "loss_type")
         self._check_config()
         self.backend = select_backend(config["mamba_backend"], self.device)
 

@@ -1,4 +1,5 @@
-"""Train the SSD4Rec baseline: ``python run.py [--config=PATH ...] [--key=value ...]`` (settings: config.yaml)."""
+"""Train the SSD4Rec baseline: ``python run.py [--config=PATH ...] [--key=value ...]``
+(settings: config.yaml)."""
 
 import sys
 from pathlib import Path
