@@ -123,7 +123,8 @@ def _row(model: str, label: str, group: list[dict], metrics: list[str]) -> str:
 
 
 def plot(runs: list[dict], folder: Path) -> list[Path]:
-    """Per dataset: validation metric by epoch (a line per run), training time per epoch (a bar per model)."""
+    """Per dataset: validation metric by epoch (a line per run),
+    training time per epoch (a bar per model)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -135,7 +136,8 @@ def plot(runs: list[dict], folder: Path) -> list[Path]:
         group = [r for r in runs if r["dataset"] == dataset]
         fig, ax = plt.subplots(figsize=(7, 4))
         for run in group:
-            points = [(e["epoch"], e["valid_score"]) for e in run.get("epochs", []) if "valid_score" in e]
+            points = [(e["epoch"], e["valid_score"]) for e in run.get("epochs", [])
+                      if "valid_score" in e]
             if points:
                 ax.plot(*zip(*points), label=f"{run['model']} (seed {run['seed']})")
         ax.set(xlabel="epoch", ylabel=f"validation {group[0].get('valid_metric', 'score')}",
@@ -161,7 +163,8 @@ def plot(runs: list[dict], folder: Path) -> list[Path]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=Path, default=ROOT / "log", help="folder searched for results")
+    parser.add_argument("--runs", type=Path, default=ROOT / "log",
+                        help="folder searched for results")
     parser.add_argument("--plots", type=Path, default=ROOT / "log" / "report", help="where PNGs go")
     parser.add_argument("--dataset", default=None, help="only this dataset")
     parser.add_argument("--model", action="append", default=None, help="only these models")

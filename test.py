@@ -1,4 +1,5 @@
-"""Evaluate a checkpoint: ``python test.py --checkpoint=PATH [--allow-pickle] [--key=value ...]``."""
+"""Evaluate a checkpoint: ``python test.py --checkpoint=PATH [--allow-pickle]
+[--key=value ...]``."""
 
 from pipeline.cli import test_main
 

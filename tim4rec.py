@@ -1,4 +1,5 @@
-"""TiM4Rec: a time-aware structured state space duality (SSD, Mamba-2) model for sequential recommendation.
+"""TiM4Rec: a time-aware structured state space duality (SSD, Mamba-2) model
+for sequential recommendation.
 
 Reference:
     Hao Fan et al. "TiM4Rec: An Efficient Sequential Recommendation Model Based on Time-Aware
@@ -240,7 +241,8 @@ class TiSSDLayer(nn.Module):
 
 
 class TiM4Rec(ItemScoring, SequentialRecommender):
-    r"""TiM4Rec: stacked time-aware SSD layers over item embeddings; next-item scores by dot product.
+    r"""TiM4Rec: stacked time-aware SSD layers over item embeddings;
+    next-item scores by dot product.
 
     The time signal is the sequence of gaps between consecutive interaction times,
     ``d_0 = 0, d_t = ts_t - ts_{t-1}``, dropped out and normalised over the sequence axis, repeated
@@ -251,12 +253,13 @@ class TiM4Rec(ItemScoring, SequentialRecommender):
         Faithful to the authors' code by default, where it differs from a cleaner reading:
 
         - The time gaps are not masked at padded positions: at the first padded slot
-          ``d = 0 - ts_last`` (about -1e9 on raw Unix seconds), and the LayerNorm over the sequence
-          sees it. ``time_mask_padding: True`` zeroes the gaps at padded slots instead (an ablation).
+          ``d = 0 - ts_last`` (about -1e9 on raw Unix seconds), and the LayerNorm over
+          the sequence sees it. ``time_mask_padding: True`` zeroes the gaps at padded
+          slots instead (an ablation).
         - The convolution on x, B, C is followed by Hardswish (``conv_activation: silu`` gives
           Mamba-2's SiLU).
-        - The loss is cross-entropy over all items; ``loss_type`` other than CE is refused rather than
-          silently ignored as upstream does.
+        - The loss is cross-entropy over all items; ``loss_type`` other than CE is refused rather
+          than silently ignored as upstream does.
         - Timestamps are read as RecBole stores them (float32), like upstream: present-day Unix
           seconds are rounded to steps of 64 s (before 2004) or 128 s (after).
         - Without is_time the time-branch modules are not built; their weights in an upstream
@@ -270,8 +273,8 @@ class TiM4Rec(ItemScoring, SequentialRecommender):
         ``last_position_only: False`` computes every position, as upstream.
 
         The layers compute at the real positions only (``skip_padding: True``, the default): the
-        batch's sequences laid end to end without their padding (:class:`~ssd_ops.packing.Packing`), the
-        convolution and the scan kept from crossing from one sequence to the next. Nothing at a
+        batch's sequences laid end to end without their padding (:class:`~ssd_ops.packing.Packing`),
+        the convolution and the scan kept from crossing from one sequence to the next. Nothing at a
         real position reads a padded one there (the convolution and the scan are causal, the
         rest position-wise), so the scores and gradients are those of the padded batch; the time
         branch, which mixes positions along the whole sequence, keeps the padded layout. Dropout
@@ -357,10 +360,10 @@ class TiM4Rec(ItemScoring, SequentialRecommender):
         self.ssd_layers = nn.ModuleList(
             TiSSDLayer(
                 self.hidden_size, self.dropout_prob, self.norm_eps,
-                residual=self.num_layers > 1, is_ffn=config["is_ffn"], recompute=config["recompute"],
-                max_seq_length=self.max_seq_length, d_state=config["d_state"],
-                d_conv=config["d_conv"], expand=config["expand"], head_dim=config["head_dim"],
-                chunk_size=config["chunk_size"], is_time=self.is_time,
+                residual=self.num_layers > 1, is_ffn=config["is_ffn"],
+                recompute=config["recompute"], max_seq_length=self.max_seq_length,
+                d_state=config["d_state"], d_conv=config["d_conv"], expand=config["expand"],
+                head_dim=config["head_dim"], chunk_size=config["chunk_size"], is_time=self.is_time,
                 p2p_residual=config["p2p_residual"], time_drop_out=config["time_drop_out"],
                 conv_activation=config["conv_activation"], backend=self.ssd_backend,
                 fused=config["fused"],
@@ -410,9 +413,9 @@ class TiM4Rec(ItemScoring, SequentialRecommender):
         return last(h, tau, at, packing)[0]
 
     def packing(self, item_seq_len, seqlen: int) -> Packing | None:
-        """How a batch's real positions are laid out (:class:`~ssd_ops.packing.Packing`), or None for the
-        padded batch: without ``skip_padding``; on a GPU outside :meth:`fixed_pack_size` (the
-        packing's size would be read from the GPU, and the host would wait for it); on the CPU,
+        """How a batch's real positions are laid out (:class:`~ssd_ops.packing.Packing`), or None
+        for the padded batch: without ``skip_padding``; on a GPU outside :meth:`fixed_pack_size`
+        (the packing's size would be read from the GPU, and the host would wait for it); on the CPU,
         where more than ``CPU_PACK_BELOW`` of the batch's positions are real."""
         if not self.skip_padding:
             return None
@@ -467,7 +470,8 @@ class TiM4Rec(ItemScoring, SequentialRecommender):
         return self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], timestamps)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Load this project's or the authors' weights (same keys); see the class NOTE on is_time."""
+        """Load this project's or the authors' weights (same keys);
+        see the class NOTE on is_time."""
         if not self.is_time:
             skipped = [k for k in state_dict if any(part in k for part in _TIME_ONLY)]
             if skipped:

@@ -37,7 +37,8 @@ Importing this package is cheap: torch and RecBole load only when a workflow run
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-"""The repository root: relative paths in configs (data, checkpoints, logs) are resolved against it."""
+"""The repository root: relative paths in configs (data, checkpoints, logs) are resolved
+against it."""
 
 _API = {"train": "pipeline.workflow", "evaluate": "pipeline.workflow", "load": "pipeline.workflow",
         "recommend": "pipeline.recommendations", "export_embeddings": "pipeline.recommendations"}

@@ -17,8 +17,8 @@ order, in:
    (:func:`save`); ``TIM4REC_AUTOTUNE_CACHE=off`` turns reading and writing it off;
 2. the choices shipped with the project, ``config/autotune.json`` (measured on the GPUs it names).
 
-Both are keyed by GPU name, then kernel, then the autotuner's own key (the shape arguments and dtypes
-it tunes on). A choice is a configuration of the kernel's own candidate list, matched by its
+Both are keyed by GPU name, then kernel, then the autotuner's own key (the shape arguments and
+dtypes it tunes on). A choice is a configuration of the kernel's own candidate list, matched by its
 parameters, so the kernel keeps its pre-hooks; an entry that no longer matches a candidate (another
 mamba-ssm version) is ignored and the kernel is tuned as usual. Choosing only changes which launch
 parameters run the same computation, not what is computed.

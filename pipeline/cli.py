@@ -83,8 +83,9 @@ def _add_checkpoint_arguments(parser) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="PATH", type=Path,
                         help="a checkpoint written by run.py (saved/*.pth)")
     parser.add_argument("--allow-pickle", action="store_true",
-                        help="also read RecBole checkpoints such as the authors' published weights; "
-                             "this unpickles the file, which can run code: only for files you trust")
+                        help="also read RecBole checkpoints such as the authors' published "
+                             "weights; this unpickles the file, which can run code: only for "
+                             "files you trust")
 
 
 def _terminate(signum, frame):

@@ -10,8 +10,8 @@ stack and one is unsafe; :func:`apply` mends them once, before any RecBole objec
    stay. We replace it with a version that assigns the filled column back (same values as RecBole
    produces under pandas 1).
 3. ``ensure_dir`` checks for a directory and then creates it, so two processes starting together can
-   both see it missing and one crashes on ``FileExistsError``. We make it ``makedirs(exist_ok=True)``
-   in every module that imported it by name.
+   both see it missing and one crashes on ``FileExistsError``. We make it
+   ``makedirs(exist_ok=True)`` in every module that imported it by name.
 4. ``Config`` turns string values of a config dict or of the command line into Python values with
    ``eval``, so a crafted string (in a shared config or a checkpoint's saved config) runs code. We
    use ``ast.literal_eval`` instead, which accepts the same literals (numbers, lists, dicts, bools).
@@ -22,8 +22,8 @@ stack and one is unsafe; :func:`apply` mends them once, before any RecBole objec
 6. RecBole's code raises deprecation warnings on pandas 3 (``inplace=``) and a UserWarning on
    torch (tensors from read-only numpy arrays, which RecBole never writes to). They are about
    RecBole's internals, not the user's input, so we silence exactly those.
-7. ``recbole.quick_start`` imports ray (pinned <= 2.6.3: no wheel for Python 3.12, broken on numpy 2).
-   Nothing here imports it; the project's own pipeline replaces quick_start.
+7. ``recbole.quick_start`` imports ray (pinned <= 2.6.3: no wheel for Python 3.12, broken on
+   numpy 2). Nothing here imports it; the project's own pipeline replaces quick_start.
 8. RecBole reads a model's defaults only from its own package (``properties/model/<Name>.yaml``), so
    a plugin model built from RecBole's ``Config`` would miss every setting of its own. A model of
    this project names its defaults file in ``defaults_file``; ``Config`` reads it right after

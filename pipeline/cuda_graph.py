@@ -56,7 +56,8 @@ logger = logging.getLogger(__name__)
 # bench/ddp_throughput.py): ``cuda_graph: auto`` captures these; ``True`` tries any model.
 VERIFIED_MODELS = ("TiM4Rec", "SASRec", "Mamba4Rec")
 VERIFIED_DISTRIBUTED_MODELS = ("TiM4Rec",)
-WARMUP_STEPS = 2  # eager steps before capturing: library handles, Triton autotuning, optimizer state
+# Eager steps before capturing: library handles, Triton autotuning, optimizer state.
+WARMUP_STEPS = 2
 DISTRIBUTED_WARMUP_STEPS = 11  # what DistributedDataParallel needs before its hooks can be captured
 
 

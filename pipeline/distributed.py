@@ -121,7 +121,8 @@ def broadcast(value):
 
 
 def gather_rows(tensor):
-    """The rows of ``tensor`` from every rank, concatenated in rank order (None: this rank has none)."""
+    """The rows of ``tensor`` from every rank, concatenated in rank order
+    (None: this rank has none)."""
     import torch
     import torch.distributed as dist
 
@@ -169,7 +170,8 @@ def shutdown() -> None:
 
     After a successful run every rank comes here from a barrier, so that no rank leaves while its
     peer still uses the connection: the suspected cause of one abort at exit ("terminate called
-    without an active exception", gloo, a loaded 2-core machine), which 25 runs did not reproduce."""
+    without an active exception", gloo, a loaded 2-core machine), which 25 runs did not
+    reproduce."""
     import torch.distributed as dist
 
     if active():

@@ -2,7 +2,8 @@
 
 
 class UserError(Exception):
-    """Bad input from the user (a config, a path, a name, a checkpoint): say what and where, then exit."""
+    """Bad input from the user (a config, a path, a name, a checkpoint): say what and where,
+    then exit."""
 
 
 class Terminated(BaseException):

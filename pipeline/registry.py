@@ -76,7 +76,8 @@ def find_model(name: str) -> ModelSpec:
 
     if canonical == "TiM4Rec":
         module = _import_file("tim4rec", ROOT / "tim4rec.py")
-        return ModelSpec("TiM4Rec", module.TiM4Rec, defaults=ROOT / "config" / "model" / "TiM4Rec.yaml")
+        return ModelSpec("TiM4Rec", module.TiM4Rec,
+                         defaults=ROOT / "config" / "model" / "TiM4Rec.yaml")
     model_file = BASELINE_DIR / canonical / "model.py"
     if model_file.is_file():
         module = _import_file(f"baseline_{canonical.lower()}", model_file)
@@ -84,6 +85,6 @@ def find_model(name: str) -> ModelSpec:
     model_class = _recbole_model(canonical)
     if model_class is None:
         raise UserError(
-            f"unknown model '{name}': not one of this project's ({', '.join(project_model_names())}) "
-            f"nor a RecBole model")
+            f"unknown model '{name}': not one of this project's "
+            f"({', '.join(project_model_names())}) nor a RecBole model")
     return ModelSpec(model_class.__name__, model_class, settings=settings)

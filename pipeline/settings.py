@@ -26,9 +26,9 @@ YAML comment documents (:mod:`pipeline.schema`).
 variable to its own default, ``0``), else, in a distributed run, to the first ``LOCAL_WORLD_SIZE``
 GPUs: local rank r trains on the r-th of them.
 
-Relative ``data_path``, ``checkpoint_dir``, ``log_dir`` and ``tensorboard_dir`` are resolved against the
-repository root, so ``cd baseline/X && python run.py`` finds the same data and writes to the same
-folders as a run from the root.
+Relative ``data_path``, ``checkpoint_dir``, ``log_dir`` and ``tensorboard_dir`` are resolved against
+the repository root, so ``cd baseline/X && python run.py`` finds the same data and writes to the
+same folders as a run from the root.
 """
 
 from __future__ import annotations
@@ -187,7 +187,8 @@ def _check_values(config, files) -> None:
 
 
 def check_valid_metric(config) -> None:
-    """UserError unless ``valid_metric`` (e.g. NDCG@10) is among the metrics and cut-offs computed."""
+    """UserError unless ``valid_metric`` (e.g. NDCG@10) is among the metrics
+    and cut-offs computed."""
     name, _, cutoff = str(config["valid_metric"]).lower().partition("@")
     metrics = [str(m).lower() for m in config["metrics"]]
     topk = config["topk"] if isinstance(config["topk"], list) else [config["topk"]]
@@ -216,7 +217,8 @@ def check_dataset_files(config) -> None:
     header = [column for column, _ in read_header(inter, config["field_separator"],
                                                   config["encoding"])]
     loaded = (config["load_col"] or {}).get("inter") if config["load_col"] else None
-    needed = {config["USER_ID_FIELD"]: "the user column", config["ITEM_ID_FIELD"]: "the item column"}
+    needed = {config["USER_ID_FIELD"]: "the user column",
+              config["ITEM_ID_FIELD"]: "the item column"}
     if config["eval_args"]["order"] == "TO":
         needed[config["TIME_FIELD"]] = "ordering by time (eval_args order: TO)"
     if config["is_time"]:

@@ -1,4 +1,5 @@
-"""RecBole's Trainer with this project's checkpoints, output folders and a sync-free training step."""
+"""RecBole's Trainer with this project's checkpoints, output folders and a sync-free
+training step."""
 
 from __future__ import annotations
 
@@ -66,7 +67,8 @@ def load_weights(model, state_dict, source, changed: str = "") -> None:
 
 
 def _on_cpu(value):
-    """A copy of a state (tensors, in dicts and lists) on the CPU: kept while the model trains on."""
+    """A copy of a state (tensors, in dicts and lists) on the CPU:
+    kept while the model trains on."""
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu", copy=True)
     if isinstance(value, dict):
@@ -77,7 +79,8 @@ def _on_cpu(value):
 
 
 class _Loss(torch.nn.Module):
-    """The model's training loss as a module's forward, so that DistributedDataParallel can wrap it."""
+    """The model's training loss as a module's forward,
+    so that DistributedDataParallel can wrap it."""
 
     def __init__(self, model):
         super().__init__()
@@ -94,9 +97,10 @@ class ProjectTrainer(Trainer):
     - TensorBoard under the run's folder;
     - the training loss summed on the device and read once per epoch (no ``.item()`` per step, so
       the GPU never waits for the host), with the NaN check done on that sum;
-    - on GPUs, the training step replayed as a CUDA graph (``cuda_graph``, :mod:`pipeline.cuda_graph`),
-      and its Triton kernels compiled in parallel before the first step, or before the first
-      evaluation of a run that only evaluates (``compile_ahead``, :mod:`pipeline.precompile`);
+    - on GPUs, the training step replayed as a CUDA graph (``cuda_graph``,
+      :mod:`pipeline.cuda_graph`), and its Triton kernels compiled in parallel before the first
+      step, or before the first evaluation of a run that only evaluates (``compile_ahead``,
+      :mod:`pipeline.precompile`);
     - ``history``: loss, training time and validation result of every epoch, and ``best_epoch``,
       for the run's results file (:func:`pipeline.workflow.train`);
     - the checkpoint keeps the best state, written when validation improves, and the last one,
@@ -112,8 +116,8 @@ class ProjectTrainer(Trainer):
     def __init__(self, config, model, run: RunPaths | None, extra: dict | None = None,
                  on_first_write=None):
         """``run`` None: an evaluation-only trainer that writes no TensorBoard and no checkpoint.
-        ``extra``: entries every checkpoint of the run carries (its data, the checkpoint it resumed);
-        ``on_first_write``: called once, before the run writes its first file."""
+        ``extra``: entries every checkpoint of the run carries (its data, the checkpoint it
+        resumed); ``on_first_write``: called once, before the run writes its first file."""
         writes = run is not None and distributed.is_main()
         with tensorboard_in(run.tensorboard_dir if writes else None):
             super().__init__(config, model)
@@ -342,7 +346,8 @@ class ProjectTrainer(Trainer):
 
     def _sharded_evaluate(self, eval_data, show_progress):
         """RecBole's evaluation with rank r scoring batches r, r + N, ...; the collected per-user
-        rows of every rank are put together before the metrics, which are thus a single process's."""
+        rows of every rank are put together before the metrics, which are thus a single
+        process's."""
         from recbole.data.dataloader import FullSortEvalDataLoader
         from recbole.utils import EvaluatorType
 

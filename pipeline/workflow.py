@@ -97,7 +97,8 @@ def _describe(config, model) -> None:
 
 
 def format_metrics(result: dict) -> str:
-    """``{'hit@10': .1, 'ndcg@10': .05, ...}`` as a table: one row per cut-off, one column per metric."""
+    """``{'hit@10': .1, 'ndcg@10': .05, ...}`` as a table:
+    one row per cut-off, one column per metric."""
     names, cutoffs = [], []
     for key in result:
         name, _, k = key.partition("@")

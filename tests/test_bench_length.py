@@ -58,11 +58,13 @@ def test_drawn_batches(tiny_data_path):
     data = common.draw_batches(arrays, 6, 16, "full", study.BATCHES)
     assert data["items"].shape == (study.BATCHES, 16, 6) and data["times"].dtype == torch.float32
     assert (data["lengths"] == 6).all() and (data["items"] > 0).all()
-    real = common.draw_batches(arrays, 20, 16, "real", study.BATCHES)  # the tiny histories are shorter than 20
+    # The tiny histories are shorter than 20.
+    real = common.draw_batches(arrays, 20, 16, "real", study.BATCHES)
     padded = real["items"] == 0
     assert padded.any()
     assert torch.equal(padded, torch.arange(20) >= real["lengths"][..., None])  # on the right
-    assert "items" not in common.draw_batches(arrays, 100, 16, "full", study.BATCHES)  # nobody that long
+    # Nobody is that long.
+    assert "items" not in common.draw_batches(arrays, 100, 16, "full", study.BATCHES)
 
 
 def test_slope_and_tables_report_out_of_memory():

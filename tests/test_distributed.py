@@ -21,7 +21,8 @@ TINY = {"dataset": "tiny", "hidden_size": 16, "d_state": 8, "head_dim": 8, "chun
 
 
 def settings(data_path, folder, model="TiM4Rec", **changes):
-    """--key=value arguments of a tiny run of ``model`` on ``data_path`` writing under ``folder``."""
+    """--key=value arguments of a tiny run of ``model`` on ``data_path``
+    writing under ``folder``."""
     values = {**for_model(model, TINY), "data_path": data_path,
               "checkpoint_dir": folder / "saved", "log_dir": folder / "log",
               "tensorboard_dir": folder / "tb", **changes}

@@ -1,4 +1,5 @@
-"""TiM4Rec itself: shapes, causality, upstream checkpoint keys, and parity with the authors' model."""
+"""TiM4Rec itself: shapes, causality, upstream checkpoint keys,
+and parity with the authors' model."""
 
 import pytest
 import torch
@@ -28,10 +29,10 @@ def make_config(**overrides):
     config = yaml.safe_load((ROOT / "config" / "model" / "TiM4Rec.yaml").read_text())
     config["norm_eps"] = float(config["norm_eps"])
     config.update(
-        USER_ID_FIELD="user_id", ITEM_ID_FIELD="item_id", TIME_FIELD="timestamp", LIST_SUFFIX="_list",
-        ITEM_LIST_LENGTH_FIELD="item_length", NEG_PREFIX="neg_", MAX_ITEM_LIST_LENGTH=12,
-        device=torch.device("cpu"), loss_type="CE", hidden_size=16, d_state=8, head_dim=8,
-        chunk_size=4, ssd_backend="torch")
+        USER_ID_FIELD="user_id", ITEM_ID_FIELD="item_id", TIME_FIELD="timestamp",
+        LIST_SUFFIX="_list", ITEM_LIST_LENGTH_FIELD="item_length", NEG_PREFIX="neg_",
+        MAX_ITEM_LIST_LENGTH=12, device=torch.device("cpu"), loss_type="CE", hidden_size=16,
+        d_state=8, head_dim=8, chunk_size=4, ssd_backend="torch")
     config.update(overrides)
     return config
 
@@ -152,9 +153,11 @@ def test_shapes_and_loss():
     loss = model.calculate_loss(interaction)
     loss.backward()
     assert torch.isfinite(loss)
-    # The last layer's next time signal feeds nothing (as upstream): only its weights get no gradient.
+    # The last layer's next time signal feeds nothing (as upstream):
+    # only its weights get no gradient.
     no_grad = {n for n, p in model.named_parameters() if p.grad is None}
-    assert no_grad == {f"ssd_layers.1.ssd.{m}.{w}" for m in ("time_gate_residual.1", "time_layer_norm")
+    assert no_grad == {f"ssd_layers.1.ssd.{m}.{w}"
+                       for m in ("time_gate_residual.1", "time_layer_norm")
                        for w in ("weight", "bias")}
 
 
@@ -346,7 +349,8 @@ def test_triton_model_matches_torch_model_on_gpu(case, packed):
     lengths = torch.randint(1, 51, (64,), generator=g)
     pad = torch.arange(50) >= lengths[:, None]
     items = torch.randint(1, N_ITEMS, (64, 50), generator=g).masked_fill(pad, 0)
-    times = (1e9 + torch.randint(60, 10**6, (64, 50), generator=g).cumsum(1)).float().masked_fill(pad, 0)
+    times = ((1e9 + torch.randint(60, 10**6, (64, 50), generator=g).cumsum(1)).float()
+             .masked_fill(pad, 0))
     batch = {"item_id_list": items.cuda(), "item_length": lengths.cuda(),
              "timestamp_list": times.cuda(), "item_id": torch.randint(1, N_ITEMS, (64,)).cuda()}
     scores, grads = {}, {}

@@ -16,9 +16,10 @@ from pipeline.workflow import evaluate, train
 def tiny(tiny_data_path, tmp_path):
     """Overrides that train a small TiM4Rec on the tiny dataset, writing under tmp_path."""
     return {
-        "dataset": "tiny", "data_path": str(tiny_data_path), "epochs": 2, "MAX_ITEM_LIST_LENGTH": 10,
-        "hidden_size": 16, "d_state": 8, "head_dim": 8, "chunk_size": 4, "train_batch_size": 64,
-        "eval_batch_size": 128, "show_progress": False, "use_gpu": False, "topk": [5, 10],
+        "dataset": "tiny", "data_path": str(tiny_data_path), "epochs": 2,
+        "MAX_ITEM_LIST_LENGTH": 10, "hidden_size": 16, "d_state": 8, "head_dim": 8, "chunk_size": 4,
+        "train_batch_size": 64, "eval_batch_size": 128, "show_progress": False, "use_gpu": False,
+        "topk": [5, 10],
         "checkpoint_dir": str(tmp_path / "saved"), "log_dir": str(tmp_path / "log"),
         "tensorboard_dir": str(tmp_path / "tb"),
     }
@@ -77,7 +78,8 @@ def test_resume_is_a_new_run_with_the_settings_given(tiny):
     assert resumed["checkpoint"] != source and sha256(source) == before
     after = torch.load(resumed["checkpoint"], weights_only=True)
     assert after["resumed_from"] == source and resumed["resumed_from"] == source
-    assert {(g["lr"], g["weight_decay"]) for g in after["optimizer"]["param_groups"]} == {(0.05, 0.1)}
+    assert ({(g["lr"], g["weight_decay"]) for g in after["optimizer"]["param_groups"]}
+            == {(0.05, 0.1)})
     assert after["config"]["learning_rate"] == 0.05
     log = Path(resumed["log"]).read_text()
     assert "learning_rate 0.001 -> 0.05" in log and "weight_decay 0.0 -> 0.1" in log
@@ -160,7 +162,8 @@ def test_resume_refuses_another_shape_naming_the_setting(tiny):
 def test_resume_refuses_another_models_checkpoint(tiny):
     first = train(overrides=dict(tiny, epochs=1), quiet=True)
     with pytest.raises(UserError, match="holds a TiM4Rec model"):
-        train(model="GRU4Rec", overrides=dict(tiny, checkpoint_path=first["checkpoint"]), quiet=True)
+        train(model="GRU4Rec", overrides=dict(tiny, checkpoint_path=first["checkpoint"]),
+              quiet=True)
 
 
 def test_authors_recbole_checkpoint_needs_explicit_opt_in(tiny, tmp_path):

@@ -38,7 +38,8 @@ import prepare_stats  # noqa: E402
 RATED_HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
 
 
-def run_prepare(*args: object, out: Path | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_prepare(*args: object, out: Path | None = None,
+                cwd: Path | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(SCRIPT), *map(str, args)]
     if out is not None:
         cmd += ["--out", str(out)]
@@ -118,10 +119,12 @@ user_id:token\titem_id:token\ttimestamp:float
 # Python-literal dicts as in steam_reviews.json.gz: single quotes, u'' prefixes, True/False,
 # a user_id on some reviews only, a username holding double quotes and one that is not ASCII.
 STEAM_LINES = [
-    "{'username': 'Chaos Syren', 'hours': 0.1, 'products': 41, 'product_id': '725280', 'page_order': 0, "
-    "'date': '2017-12-17', 'text': 'It\\'s \"fine\"', 'early_access': False, 'page': 1}",
-    "{u'username': u'the \"King\"', u'product_id': u'35140', u'date': u'2018-01-04', u'text': u'caf\\u00e9', "
-    "u'user_id': u'76561198007483075', u'early_access': True, u'found_funny': 2}",
+    "{'username': 'Chaos Syren', 'hours': 0.1, 'products': 41, 'product_id': '725280', "
+    "'page_order': 0, 'date': '2017-12-17', 'text': 'It\\'s \"fine\"', 'early_access': False, "
+    "'page': 1}",
+    "{u'username': u'the \"King\"', u'product_id': u'35140', u'date': u'2018-01-04', "
+    "u'text': u'caf\\u00e9', u'user_id': u'76561198007483075', u'early_access': True, "
+    "u'found_funny': 2}",
     "{'username': 'Chaos Syren', 'product_id': '328100', 'date': '2017-12-17', 'hours': 2.5}",
     "{'username': 'Chaos Syren', 'product_id': '35140', 'date': '2017-12-01'}",
     "{'username': '\\xe4rger', 'product_id': '725280', 'date': '2016-02-29'}",
@@ -217,8 +220,10 @@ def test_kuairand_folder_reads_logs_in_name_order(tmp_path):
     logs.mkdir(parents=True)
     header, *rows = KUAIRAND_CSV.splitlines(keepends=True)
     # Same-millisecond tie across files: the earlier file name comes first.
-    write_text(logs / "log_standard_4_22_to_5_08_pure.csv", header + "5,200,x,1,1649999999000,1,0,1,1\n")
-    write_text(logs / "log_random_4_22_to_5_08_pure.csv", header + "5,201,x,1,1649999999000,1,0,1,1\n")
+    write_text(logs / "log_standard_4_22_to_5_08_pure.csv",
+               header + "5,200,x,1,1649999999000,1,0,1,1\n")
+    write_text(logs / "log_random_4_22_to_5_08_pure.csv",
+               header + "5,201,x,1,1649999999000,1,0,1,1\n")
     write_text(logs / "user_features_pure.csv", "user_id,x\n5,1\n")  # not a log: ignored
     result = run_prepare("kuairand", logs, out=tmp_path / "out")
     assert result.returncode == 0, result.stderr
@@ -256,7 +261,8 @@ def test_same_input_gives_identical_bytes(tmp_path, case):
     assert first.returncode == second.returncode == 0
     path = Path(name) / f"{name}.inter"
     assert (tmp_path / "a" / path).read_bytes() == (tmp_path / "b" / path).read_bytes()
-    assert first.stdout.replace(str(tmp_path / "a"), "") == second.stdout.replace(str(tmp_path / "b"), "")
+    assert (first.stdout.replace(str(tmp_path / "a"), "")
+            == second.stdout.replace(str(tmp_path / "b"), ""))
 
 
 def test_number_formatting_round_trips():
@@ -307,29 +313,38 @@ BAD_INPUTS = {
     "wrong format": ("ml-1m", lambda p: write_text(p / "ratings.dat", AMAZON_CSV),
                      "expected UserID::MovieID::Rating::Timestamp"),
     "truncated gzip": ("steam", truncated_gzip, "truncated or corrupt"),
-    "missing column": ("kuairand", lambda p: write_text(p / "log.csv", "user_id,video_id,time_ms\n1,2,3\n"),
+    "missing column": ("kuairand",
+                       lambda p: write_text(p / "log.csv", "user_id,video_id,time_ms\n1,2,3\n"),
                        "missing column is_click"),
     "empty file": ("ml-1m", lambda p: write_text(p / "ratings.dat", ""), "no interactions found"),
     "missing raw path": ("ml-1m", lambda p: p / "nowhere" / "ml-1m.zip", "no such file"),
     "amazon json missing field": ("amazon-beauty",
-                                  lambda p: write_text(p / "r.json", '{"reviewerID": "A", "overall": 5.0, '
-                                                                     '"unixReviewTime": 1}\n'),
+                                  lambda p: write_text(p / "r.json",
+                                                       '{"reviewerID": "A", "overall": 5.0, '
+                                                       '"unixReviewTime": 1}\n'),
                                   "missing field asin"),
     "amazon csv with header": ("amazon-beauty",
-                               lambda p: write_text(p / "r.csv", "user,item,rating,timestamp\n" + AMAZON_CSV),
+                               lambda p: write_text(p / "r.csv",
+                                                    "user,item,rating,timestamp\n" + AMAZON_CSV),
                                "has no header"),
     "zip without ratings.dat": ("ml-1m", zip_without_ratings, "no ratings.dat"),
     "truncated zip": ("ml-1m", truncated_zip, "not a valid zip"),
-    "kuairand header only": ("kuairand", lambda p: write_text(p / "log.csv", KUAIRAND_CSV.splitlines()[0] + "\n"),
+    "kuairand header only": ("kuairand",
+                             lambda p: write_text(p / "log.csv",
+                                                  KUAIRAND_CSV.splitlines()[0] + "\n"),
                              "no interactions found"),
-    "steam json not python": ("steam", lambda p: write_gzip(p / "s.json.gz", '{"username": "a", "ok": true}\n'),
+    "steam json not python": ("steam",
+                              lambda p: write_gzip(p / "s.json.gz",
+                                                   '{"username": "a", "ok": true}\n'),
                               "not a Python dict literal"),
     "steam bad date": ("steam", lambda p: write_gzip(p / "s.json.gz",
-                                                     "{'username': 'a', 'product_id': '1', 'date': 'Dec 17'}\n"),
+                                                     "{'username': 'a', 'product_id': '1', "
+                                                     "'date': 'Dec 17'}\n"),
                        "is not YYYY-MM-DD"),
     "bad timestamp": ("ml-1m", lambda p: write_text(p / "ratings.dat", "1::2::3::soon\n"),
                       "timestamp 'soon' is not an integer"),
-    "unknown dataset": ("movielens", lambda p: write_text(p / "ratings.dat", ML_RATINGS), "unknown dataset"),
+    "unknown dataset": ("movielens", lambda p: write_text(p / "ratings.dat", ML_RATINGS),
+                        "unknown dataset"),
 }
 
 
@@ -376,14 +391,17 @@ def test_usage_error_is_one_line(tmp_path):
 def test_check_rejects_a_zip_that_is_not_the_official_one(tmp_path):
     raw = write_ml_zip(tmp_path / "ml-1m.zip")
     result = run_prepare("ml-1m", raw, "--check", out=tmp_path / "out")
-    assert_one_line_error(result, "differs from the official ml-1m.zip md5 c4d9eecfca2ab87c1945afe126590906")
+    assert_one_line_error(result, "differs from the official ml-1m.zip md5 "
+                                  "c4d9eecfca2ab87c1945afe126590906")
     assert files_under(tmp_path / "out") == []
 
 
 def test_check_notes_when_no_checksum_is_published(tmp_path):
-    ratings = run_prepare("ml-1m", write_text(tmp_path / "ratings.dat", ML_RATINGS), "--check", out=tmp_path / "a")
+    ratings = run_prepare("ml-1m", write_text(tmp_path / "ratings.dat", ML_RATINGS), "--check",
+                          out=tmp_path / "a")
     assert ratings.returncode == 0 and "ml-1m.zip only" in ratings.stdout
-    amazon = run_prepare("amazon-beauty", write_text(tmp_path / "r.csv", AMAZON_CSV), "--check", out=tmp_path / "b")
+    amazon = run_prepare("amazon-beauty", write_text(tmp_path / "r.csv", AMAZON_CSV), "--check",
+                         out=tmp_path / "b")
     assert amazon.returncode == 0 and "no official checksum" in amazon.stdout
 
 
@@ -514,25 +532,29 @@ def test_reproduces_ml_1m_half(tmp_path):
 
 
 def test_reproduces_amazon_sports_from_ratings_csv(tmp_path):
-    """amazon-sports.inter is already in user/time order; as a ratings CSV it must come back as is."""
+    """amazon-sports.inter is already in user/time order;
+    as a ratings CSV it must come back as is."""
     header, rows = shared_lines("amazon-sports")
     csv_text = "".join(f"{u},{i},5.0,{t}\n" for u, i, t in (row.split("\t") for row in rows))
     raw = write_text(tmp_path / "ratings_Sports_and_Outdoors.csv", csv_text)
     result = run_prepare("amazon-sports", raw, out=tmp_path / "out")
     assert result.returncode == 0, result.stderr
-    got = [line.split("\t") for line in prepared(tmp_path / "out", "amazon-sports").splitlines()[1:]]
+    got = [line.split("\t")
+           for line in prepared(tmp_path / "out", "amazon-sports").splitlines()[1:]]
     assert ["\t".join((u, i, t)) for u, i, _, t in got] == rows
     assert "35,598" in result.stdout and "296,337" in result.stdout
 
 
 def test_streams_a_million_ratings_in_bounded_memory(tmp_path):
-    """Peak memory grows by tens of bytes per row, not by the size of the whole file in Python objects.
+    """Peak memory grows by tens of bytes per row, not by the size of the whole file in
+    Python objects.
 
     Converting 250k and then 1M generated ML-1M ratings: the extra 750k rows may add at most
     100 bytes each to the child's peak RSS (reading the file into Python lists would add several
     hundred per row).
     """
-    spec = importlib.util.spec_from_file_location("prepare_1m", REPO_ROOT / "bench" / "prepare_1m.py")
+    spec = importlib.util.spec_from_file_location("prepare_1m",
+                                                  REPO_ROOT / "bench" / "prepare_1m.py")
     bench = importlib.util.module_from_spec(spec)
     sys.modules["prepare_1m"] = bench  # its dataclass looks its module up
     spec.loader.exec_module(bench)
@@ -540,7 +562,8 @@ def test_streams_a_million_ratings_in_bounded_memory(tmp_path):
     for rows in (250_000, 1_000_000):
         raw = tmp_path / f"ratings_{rows}.dat"
         bench.generate_ratings(raw, rows=rows, users=6040, items=3706, seed=0)
-        run = bench.measure([sys.executable, str(SCRIPT), "ml-1m", str(raw), "--out", str(tmp_path / str(rows))])
+        run = bench.measure([sys.executable, str(SCRIPT), "ml-1m", str(raw),
+                             "--out", str(tmp_path / str(rows))])
         assert run.returncode == 0, run.output
         lines = sum(1 for _ in open(tmp_path / str(rows) / "ml-1m" / "ml-1m.inter"))
         assert lines == rows + 1

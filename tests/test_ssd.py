@@ -24,10 +24,12 @@ def random_inputs(batch, seqlen, nheads, headdim, ngroups, dstate, dtype=F64, de
     inputs = dict(
         x=rand(batch, seqlen, nheads, headdim),
         dt=rand(batch, seqlen, nheads),
-        A=-torch.rand(nheads, generator=g, dtype=F64).mul(4).add(0.5).to(device=device, dtype=dtype),
+        A=(-torch.rand(nheads, generator=g, dtype=F64).mul(4).add(0.5)
+           .to(device=device, dtype=dtype)),
         B=rand(batch, seqlen, ngroups, dstate),
         C=rand(batch, seqlen, ngroups, dstate),
-        D=rand(nheads) if D_shape == "head" else rand(nheads, headdim) if D_shape == "channel" else None,
+        D=(rand(nheads) if D_shape == "head"
+           else rand(nheads, headdim) if D_shape == "channel" else None),
         z=rand(batch, seqlen, nheads, headdim),
         dt_bias=rand(nheads, scale=0.5),
     )
@@ -44,8 +46,9 @@ def outputs_and_grads(fn, inputs, **kwargs):
     return y, dict(zip(wanted, grads))
 
 
-@pytest.mark.parametrize("seqlen,chunk_size", [(1, 4), (7, 4), (37, 8), (50, 32), (64, 16), (50, 64),
-                                              (37, 37), (50, 50)])  # the whole sequence, as on CPU
+@pytest.mark.parametrize("seqlen,chunk_size", [
+    (1, 4), (7, 4), (37, 8), (50, 32), (64, 16), (50, 64),
+    (37, 37), (50, 50)])  # the whole sequence, as on CPU
 @pytest.mark.parametrize("nheads,ngroups", [(4, 1), (4, 2), (3, 3)])
 def test_chunked_scan_equals_recurrence_float64(seqlen, chunk_size, nheads, ngroups):
     inputs = random_inputs(2, seqlen, nheads, 5, ngroups, 6)
@@ -159,7 +162,8 @@ def test_packing_lays_real_positions_end_to_end_in_rows():
 
 
 def test_recurrence_matches_hand_computed_single_step():
-    # One head, one channel, one state: y_1 = C_1 * (delta_1 x_1 B_1) + D x_1, delta = softplus(dt + bias).
+    # One head, one channel, one state: y_1 = C_1 * (delta_1 x_1 B_1) + D x_1,
+    # delta = softplus(dt + bias).
     x, dt, B, C = (torch.tensor(v, dtype=F64).reshape(1, 1, 1, 1) for v in (2.0, 0.3, 1.5, -0.5))
     delta = torch.log1p(torch.exp(torch.tensor(0.3 + 0.2, dtype=F64)))
     y = ssd.ssd_recurrence(x, dt[..., 0], torch.tensor([-1.0], dtype=F64), B, C,
@@ -206,7 +210,8 @@ def test_resolve_backend_never_silent_on_cpu():
 @pytest.mark.parametrize("norm_before_gate", [False, True])
 def test_gated_rmsnorm_reference(norm_before_gate):
     g = torch.Generator().manual_seed(0)
-    x, z = torch.randn(3, 5, 16, generator=g, dtype=F64), torch.randn(3, 5, 16, generator=g, dtype=F64)
+    x, z = (torch.randn(3, 5, 16, generator=g, dtype=F64),
+            torch.randn(3, 5, 16, generator=g, dtype=F64))
     w = torch.randn(16, generator=g, dtype=F64)
     gate = z * torch.sigmoid(z)
     v = x if norm_before_gate else x * gate

@@ -29,7 +29,8 @@ def _silu(x):
 
 
 def _causal_depthwise_conv(x, weight, bias):
-    """x [B C L], weight [C 1 K]: out[t] = bias + sum_k w[k] * x[t - (K-1) + k], zeros before t = 0."""
+    """x [B C L], weight [C 1 K]: out[t] = bias + sum_k w[k] * x[t - (K-1) + k],
+    zeros before t = 0."""
     length, K = x.shape[-1], weight.shape[-1]
     out = bias[None, :, None].expand_as(x).clone()
     for k in range(K):
@@ -53,7 +54,8 @@ def _ssd_scan(x, dt, A, B, C, D):
 
 
 def upstream_scores(sd: dict, cfg: dict, item_seq, item_len, timestamps):
-    """Full-sort scores [B n_items] of the authors' model with weights ``sd`` and settings ``cfg``."""
+    """Full-sort scores [B n_items] of the authors' model with weights ``sd``
+    and settings ``cfg``."""
     eps, D_model = cfg["norm_eps"], cfg["hidden_size"]
     E, N = cfg["expand"] * D_model, cfg["d_state"]
     H, P = E // cfg["head_dim"], cfg["head_dim"]
@@ -79,7 +81,8 @@ def upstream_scores(sd: dict, cfg: dict, item_seq, item_len, timestamps):
             xBC.transpose(1, 2), sd[s + "conv1d.weight"], sd[s + "conv1d.bias"]).transpose(1, 2))
         x, B, C = xBC[..., :E], xBC[..., E: E + N], xBC[..., E + N:]
         if cfg["is_time"]:
-            scale = _linear(_silu(_linear(tau, sd, s + "mlp4time_scale.1")), sd, s + "mlp4time_scale.3")
+            scale = _linear(_silu(_linear(tau, sd, s + "mlp4time_scale.1")),
+                            sd, s + "mlp4time_scale.3")
             g = tau * scale
             g = _hardswish(_causal_depthwise_conv(g, sd[s + "conv1d4time_1.weight"],
                                                   sd[s + "conv1d4time_1.bias"]))
