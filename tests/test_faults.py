@@ -205,6 +205,7 @@ import sys, torch
 sys.path.insert(0, {root!r})
 from pipeline import checkpoint
 state = {{"w": torch.randn(2_000_000)}}
+print("saving", flush=True)
 for i in range(1000):
     checkpoint.save({path!r}, {{"i": i, **state}})
 """
@@ -221,10 +222,12 @@ def test_a_kill_while_saving_never_leaves_an_unreadable_checkpoint(tmp_path):
     rng = random.Random(0)
     for _ in range(20):
         saver = SAVER.format(root=str(ROOT), path=str(path))
-        proc = subprocess.Popen([sys.executable, "-c", saver])
-        deadline = time.time() + 60
-        while not path.exists() and time.time() < deadline:
-            time.sleep(0.01)
+        proc = subprocess.Popen([sys.executable, "-c", saver], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline() == "saving\n"  # imported: the kill falls among the saves
+        if not path.exists():  # the first round: a whole checkpoint before the kill
+            deadline = time.time() + 60
+            while not path.exists() and time.time() < deadline:
+                time.sleep(0.01)
         time.sleep(rng.uniform(0.0, 0.3))
         proc.send_signal(signal.SIGKILL)
         proc.wait()

@@ -194,6 +194,7 @@ def test_the_api_documented_in_the_readme_runs(trained):
     readme = (ROOT / "README.md").read_text()
     block = readme.split("## Use a trained model")[1].split("```python")[1].split("```")[0]
     assert "pipeline.train" in block or "train(" in block
+    assert '"config/config4ml100k_64d.yaml"' in block and '{"epochs": 5}' in block  # replaced below
     code = block.replace('"config/config4ml100k_64d.yaml"', repr(str(
         ROOT / "config" / "config4ml100k_64d.yaml")))
     settings = {**TINY, **{k: result["config"][k] for k in (
