@@ -53,7 +53,8 @@ def write_atomically(path: Path | str, mode: str = "wb"):
     """``with write_atomically(path) as f``: write a file under a temporary name beside ``path``
     (locked while written), flush it to disk and rename it to ``path``; on any error the temporary
     file is removed, so ``path`` holds the previous file or the whole new one, never a mix. How
-    every output of the project is written (checkpoints, recommendations, embeddings)."""
+    every output of the project is written (checkpoints, results files, recommendations,
+    embeddings)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}{TEMPORARY_SUFFIX}")
     text = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}

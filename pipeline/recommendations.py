@@ -87,6 +87,7 @@ def _scored(loaded, inputs, k: int, items, progress: bool) -> Iterator:
     from tqdm import tqdm
 
     model, device = loaded.model.eval(), loaded.config["device"]
+    items = np.asarray(items, dtype=object)  # once: each batch picks B x k of its tokens
     size = int(loaded.config["eval_batch_size"])
     starts = range(0, len(inputs), size)
     for start in tqdm(starts, total=len(starts), desc="Recommend", leave=False, ncols=100,
@@ -106,7 +107,7 @@ def _scored(loaded, inputs, k: int, items, progress: bool) -> Iterator:
         yield pd.DataFrame({
             "user_id": np.asarray(names, dtype=object)[rows[0]],
             "rank": rows[1] + 1,
-            "item_id": np.asarray(items, dtype=object)[top_items[rows]],
+            "item_id": items[top_items[rows]],
             "score": top_scores[rows].astype(np.float64),
         })
 

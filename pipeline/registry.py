@@ -76,8 +76,7 @@ def find_model(name: str) -> ModelSpec:
 
     if canonical == "TiM4Rec":
         module = _import_file("tim4rec", ROOT / "tim4rec.py")
-        return ModelSpec("TiM4Rec", module.TiM4Rec,
-                         defaults=ROOT / "config" / "model" / "TiM4Rec.yaml")
+        return ModelSpec("TiM4Rec", module.TiM4Rec, defaults=module.TiM4Rec.defaults_file)
     model_file = BASELINE_DIR / canonical / "model.py"
     if model_file.is_file():
         module = _import_file(f"baseline_{canonical.lower()}", model_file)

@@ -95,8 +95,8 @@ class ProjectTrainer(Trainer):
 
     - checkpoints in the plain format of :mod:`pipeline.checkpoint`, named per run;
     - TensorBoard under the run's folder;
-    - the training loss summed on the device and read once per epoch (no ``.item()`` per step, so
-      the GPU never waits for the host), with the NaN check done on that sum;
+    - the training loss summed on the device and read once per epoch (no ``.item()`` per step),
+      with the NaN check done on that sum;
     - on GPUs, the training step replayed as a CUDA graph (``cuda_graph``,
       :mod:`pipeline.cuda_graph`), and its Triton kernels compiled in parallel before the first
       step, or before the first evaluation of a run that only evaluates (``compile_ahead``,
@@ -168,7 +168,6 @@ class ProjectTrainer(Trainer):
         if loss_func is None:  # in a distributed run, through DDP, which averages the gradients
             loss_func = self.distributed_loss or self.model.calculate_loss
         total = torch.zeros((), device=self.device)
-        scaler = torch.amp.GradScaler(self.device.type, enabled=self.enable_scaler)
         if isinstance(train_data.sampler, DistributedSampler):
             train_data.sampler.set_epoch(epoch_idx)  # a new permutation, the same on every rank
         batches = tqdm(train_data, total=len(train_data), ncols=100, leave=False,
@@ -186,11 +185,10 @@ class ProjectTrainer(Trainer):
                 loss = loss_func(interaction)
             if isinstance(loss, tuple):  # multi-part losses are reported as their sum
                 loss = sum(loss)
-            scaler.scale(loss).backward()
+            loss.backward()  # no loss scaling: bfloat16 needs none (enable_scaler is refused)
             if self.clip_grad_norm:
                 clip_grad_norm_(self.model.parameters(), **self.clip_grad_norm)
-            scaler.step(self.optimizer)
-            scaler.update()
+            self.optimizer.step()
             total += loss.detach()
         # The mean over ranks of each rank's summed batch losses, as one process would report it.
         total = distributed.all_sum(total).item() / distributed.world_size()

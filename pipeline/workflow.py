@@ -277,7 +277,8 @@ def train(config_files=(), overrides: dict | None = None, *, model: str | None =
         if replicas is not None:
             result["replica_digests"] = replicas  # the final weights of each rank, hashed
         if main:
-            run.results.write_text(json.dumps(result, indent=1))  # what report.py reads
+            with checkpoint.write_atomically(run.results, "w") as f:  # what report.py reads
+                json.dump(result, f, indent=1)
         distributed.barrier()  # all ranks leave the process group together (shutdown, below)
         return result
     except BaseException as error:
