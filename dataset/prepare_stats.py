@@ -23,7 +23,8 @@ REFERENCE = {
 }
 
 # Strings that pandas.read_csv (used by RecBole to load atomic files) turns into NaN by default.
-# RecBole then drops the rows whose user or item id is NaN, before the k-core filter.
+# RecBole then drops the rows whose user or item id is NaN, before the k-core filter. A copy, so
+# that preparing needs no pandas; tests/test_prepare.py holds it to pandas' own list.
 PANDAS_NA_STRINGS = frozenset(
     ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
      "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]

@@ -141,7 +141,7 @@ def test_cycles_are_found():
     """The search itself, on a made-up graph: a cycle of three and a module importing itself
     (not a cycle between modules)."""
     graph = {"a": {"b": ("a.py", 1)}, "b": {"c": ("b.py", 1)}, "c": {"a": ("c.py", 1)},
-             "d": {"a": ("d.py", 1)}}
+             "d": {"a": ("d.py", 1)}, "e": {"e": ("e.py", 1)}}
     assert cycles(graph) == [["a", "b", "c", "a"]]
     assert cycles({"a": {"b": ("a.py", 1)}, "b": {}}) == []
 

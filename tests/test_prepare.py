@@ -569,3 +569,11 @@ def test_streams_a_million_ratings_in_bounded_memory(tmp_path):
         assert lines == rows + 1
         peaks[rows] = run.peak_rss_mib * 2**20
     assert (peaks[1_000_000] - peaks[250_000]) / 750_000 < 100
+
+
+def test_missing_id_tokens_are_those_pandas_reads_as_missing():
+    """The preparer counts the rows RecBole drops without importing pandas; its list of tokens
+    must be the one pandas (and so RecBole's loader) uses."""
+    from pandas._libs.parsers import STR_NA_VALUES
+
+    assert prepare_stats.PANDAS_NA_STRINGS == frozenset(STR_NA_VALUES)

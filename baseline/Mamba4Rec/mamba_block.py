@@ -31,15 +31,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from baseline.Mamba4Rec.scan import selective_scan_chunked
+from kernels.causal_conv_ref import causal_conv_act_ref
 
 BLOCK_BACKENDS = ("triton", "torch")
 
 
 def _conv_silu_torch(x, weight, bias):
     """SiLU(causal depthwise conv) of x [B L E] by PyTorch's conv1d on [B E L]."""
-    width = weight.shape[-1]
-    out = F.conv1d(F.pad(x.transpose(1, 2), (width - 1, 0)), weight, bias, groups=x.shape[-1])
-    return F.silu(out).transpose(1, 2)  # [B L E]
+    return causal_conv_act_ref(x, weight, bias, "silu")
 
 
 def _conv_silu_recomputed(x, weight, bias):

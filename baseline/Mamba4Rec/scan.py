@@ -28,6 +28,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kernels import compute_dtype
+
 BLOCK_ELEMENTS = 1 << 20  # states per block of rows (4 MiB in float32)
 
 
@@ -83,7 +85,7 @@ def _backward_rows(delta, x, A, B, C, dy, grads) -> torch.Tensor:
     dA = torch.zeros_like(carry)  # summed over the block's rows at the end
     for index in reversed(range(-(-length // chunk))):
         steps = range(index * chunk, min(length, (index + 1) * chunk))
-        start = states[:, index - 1].clone() if index else torch.zeros_like(carry)
+        start = states[:, index - 1] if index else torch.zeros_like(carry)  # read only
         hs, decays = _chunk_states(start, delta, inputs, A, B, steps)
         for i in reversed(range(len(steps))):
             t = steps[i]
@@ -122,10 +124,6 @@ def _backward(x, dt, A, B, C, D, dt_bias, dy):
     return dx.addcmul_(dy, D), ddt, dA, dB, dC, (dy * x).sum((0, 1)), ddt.sum((0, 1))
 
 
-def _compute_dtype(x) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
-
-
 class _ChunkedSelectiveScan(torch.autograd.Function):
     """In float32 at least, without autocast (bfloat16 states would lose the recurrence); y and
     the gradients in their tensors' dtypes."""
@@ -134,14 +132,14 @@ class _ChunkedSelectiveScan(torch.autograd.Function):
     def forward(ctx, *inputs):
         x = inputs[0]
         with torch.autocast(x.device.type, enabled=False):
-            y = _forward(*(t.to(_compute_dtype(x)) for t in inputs))
+            y = _forward(*(t.to(compute_dtype(x.dtype)) for t in inputs))
         ctx.save_for_backward(*inputs)
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
         inputs = ctx.saved_tensors
-        dtype = _compute_dtype(inputs[0])
+        dtype = compute_dtype(inputs[0].dtype)
         with torch.autocast(dy.device.type, enabled=False):
             grads = _backward(*(t.to(dtype) for t in inputs), dy.to(dtype))
         return tuple(grad.to(t.dtype) for grad, t in zip(grads, inputs))
