@@ -294,11 +294,11 @@ class TimeAwareSSD(nn.Module):
         if self.fused and uses_triton(self.backend, u):
             return self.forward_fused(u, tau, triton_block_kernels(), at, packing)
         batch, seqlen, _ = u.shape
-        E, N, H, P = self.d_inner, self.d_state, self.nheads, self.head_dim
+        E = self.d_inner
         seq_idx = None if packing is None else packing.seq_idx
         z, xBC, dt = self.project_in(u, at)
         xBC = self.convolve(in_rows(xBC, seq_idx), seq_idx)  # [B L E+2N], or [R width E+2N]
-        x, B, C = torch.split(xBC, [E, N, N], dim=-1)
+        x, B, C = self.split_conv_output(xBC)  # [.. H P], [.. 1 N] (views)
 
         tau_next = None
         if self.is_time:
@@ -307,8 +307,8 @@ class TimeAwareSSD(nn.Module):
             tau_next = self.next_time_signal(tau, g)
 
         y = chunk_scan(
-            x.unflatten(-1, (H, P)), in_rows(dt, seq_idx), -torch.exp(self.A_log),
-            B.unsqueeze(2), C.unsqueeze(2), self.scan_chunk_size(x), D=self.D, dt_bias=self.dt_bias,
+            x, in_rows(dt, seq_idx), -torch.exp(self.A_log), B, C, self.scan_chunk_size(x),
+            D=self.D, dt_bias=self.dt_bias,
             dt_softplus=True, dt_limit=self.dt_limit, backend=self.backend, seq_idx=seq_idx,
         ).reshape(batch, seqlen, E)  # [B L E]
         if at is not None:

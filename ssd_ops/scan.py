@@ -38,7 +38,6 @@ def _skip_and_gate(y, x, D, z):
     return y
 
 
-
 @without_autocast  # its products in the compute dtype, under autocast too
 def ssd_recurrence(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
                    dt_limit=(0.0, float("inf")), seq_idx=None):
