@@ -126,9 +126,7 @@ def child(setting: str, data_path: str, quick: bool, profile: bool, models=MODEL
                                           "chunk_size", "is_time")},
            "rows": {}}
     for name in models:
-        # SASRec: the project's baseline config, the paper's (8 heads). It reproduces the
-        # reference anchors' peak memory at (a) and (b), which RecBole's default (2 heads) does
-        # not (BENCHMARKS.md, section GPU step and memory).
+        # SASRec: the project's baseline config, the paper's (8 heads), not RecBole's default (2).
         model_config, model_class_ = (config, model_class) if name == "TiM4Rec" else (
             setting_config(name, setting, data_path))
         # (label, CUDA graph, anomaly detection, config changes)
