@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from kernels import compute_dtype
-
 
 class ItemScoring:
     """RecBole's ``calculate_loss``, ``predict`` and ``full_sort_predict`` from ``sequence_output``.
@@ -57,7 +55,7 @@ class ItemScoring:
 
 def at_least_float32(t: torch.Tensor) -> torch.Tensor:
     """``t`` in float32 where it is in a half precision (float64 stays float64)."""
-    return t.to(compute_dtype(t.dtype))
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def take_settings(model, config, *keys: str) -> None:
