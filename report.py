@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pipeline import ROOT
 from pipeline.errors import UserError
+from pipeline.settings import PLACE_KEYS
 
 
 def load_runs(folder: Path) -> list[dict]:
@@ -37,11 +38,10 @@ def load_runs(folder: Path) -> list[dict]:
     return runs
 
 
-# Settings that say where and how a run ran, not what it computed: runs differing only in these
-# (and in the seed) are one group.
-NOT_SETTINGS = {"seed", "data_path", "checkpoint_dir", "log_dir", "tensorboard_dir",
-                "checkpoint_path", "gpu_id", "use_gpu", "show_progress", "state", "log_wandb",
-                "wandb_project", "compile_ahead", "eval_batch_size", "worker"}
+# Runs differing only in these are one group: where and how they ran (PLACE_KEYS), the seed, and
+# two settings that change no computed number (compiling before the first step; the batch size of
+# the full-sort evaluation).
+NOT_SETTINGS = PLACE_KEYS | {"seed", "compile_ahead", "eval_batch_size"}
 
 
 def settings_of(run: dict) -> dict | None:

@@ -1,8 +1,8 @@
 """Triton kernels of this project, each beside its PyTorch reference.
 
 The kernel modules import Triton (a GPU install); the ``*_ref`` modules (the causal convolution's,
-the gated RMSNorm's) import only PyTorch: the CPU path runs them, and the tests hold the kernels to
-them.
+the gated RMSNorm's, the selective scan's) import only PyTorch: the CPU path runs them, and the
+tests hold the kernels to them.
 """
 
 import torch

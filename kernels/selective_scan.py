@@ -28,9 +28,9 @@ The kernels never write a [B L E N] tensor:
   (sums over steps) per batch row, which PyTorch adds up: no atomics, the same result every run.
   The decays' gradient needs ``exp(delta_t A) h_{t-1}``, which is ``h_t - delta_t x_t B_t``.
 
-:func:`selective_scan_fn` is the pair for autograd; :func:`selective_scan_ref` is the reference
-(PyTorch, one step after the other, differentiated by autograd). The tests hold the kernels to it
-in float64 (Triton's interpreter, on the CPU) and in float32 on a GPU.
+:func:`selective_scan_fn` is the pair for autograd. The reference, PyTorch one step after the other
+and differentiated by autograd, is :mod:`kernels.selective_scan_ref`. The tests hold the kernels
+to it in float64 (Triton's interpreter, on the CPU) and in float32 on a GPU.
 
 NOTE:
     1. The softplus is ``log(1 + e^v)`` with Goldberg's correction for the rounding of ``1 + e^v``
@@ -46,7 +46,6 @@ NOTE:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -324,15 +323,3 @@ class _SelectiveScan(torch.autograd.Function):
 def selective_scan_fn(x, dt, A, B, C, D, dt_bias):
     """y [B L E] of the selective scan (module docstring), differentiable in every input."""
     return _SelectiveScan.apply(x, dt, A, B, C, D, dt_bias)
-
-
-def selective_scan_ref(x, dt, A, B, C, D, dt_bias):
-    """The reference: the recurrence one step after the other, differentiated by autograd."""
-    delta = F.softplus(dt + dt_bias)  # [B L E]
-    h = x.new_zeros(x.shape[0], x.shape[2], A.shape[1])  # [B E N]
-    ys = []
-    for t in range(x.shape[1]):
-        h = (torch.exp(delta[:, t, :, None] * A) * h
-             + (delta[:, t] * x[:, t])[:, :, None] * B[:, t, None, :])
-        ys.append((h * C[:, t, None, :]).sum(-1))  # [B E]
-    return torch.stack(ys, dim=1) + D * x

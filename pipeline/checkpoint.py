@@ -36,14 +36,12 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import UserError
+from pipeline.settings import PLACE_KEYS
 
 FORMAT = "tim4rec-checkpoint"
 VERSION = 2
 TEMPORARY_SUFFIX = ".tmp"
 
-# Settings of an authors' checkpoint that describe their machine, not the model or the data.
-_MACHINE_KEYS = {"data_path", "checkpoint_dir", "checkpoint_path", "gpu_id", "use_gpu", "device",
-                 "log_wandb", "wandb_project", "dataset_save_path", "dataloaders_save_path"}
 # How torch.save's files begin: a zip archive (torch >= 1.6) or a pickle (older torch, RecBole).
 _MAGIC = (b"PK\x03\x04", b"\x80")
 
@@ -157,7 +155,7 @@ def load_recbole_checkpoint(path: Path | str, map_location="cpu") -> dict:
         raise UserError(f"{path} is not a RecBole checkpoint (no 'config' and 'state_dict')")
     rb_config = data["config"]
     settings = dict(getattr(rb_config, "external_config_dict", {}) or {})
-    settings = {k: v for k, v in settings.items() if k not in _MACHINE_KEYS}
+    settings = {k: v for k, v in settings.items() if k not in PLACE_KEYS}
     settings["model"] = rb_config["model"]
     settings["dataset"] = rb_config["dataset"]
     return {

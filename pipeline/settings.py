@@ -52,6 +52,13 @@ DEFAULT_MODEL = "TiM4Rec"
 ROOT_RELATIVE_KEYS = ("data_path", "checkpoint_dir", "log_dir", "tensorboard_dir")
 # Settings RecBole reads without declaring a default for them.
 RECBOLE_UNDECLARED = ("encoding",)
+# Settings that say where a run ran and what it showed, not what it computed: folders, device,
+# logging, data-loading workers. Comparing a run with its checkpoint and grouping runs (report.py)
+# ignore them; an authors' checkpoint's are dropped (they name the authors' machine).
+PLACE_KEYS = frozenset({
+    "data_path", "checkpoint_dir", "checkpoint_path", "log_dir", "tensorboard_dir",
+    "dataset_save_path", "dataloaders_save_path", "gpu_id", "use_gpu", "device", "worker",
+    "show_progress", "state", "log_wandb", "wandb_project"})
 
 
 @lru_cache(maxsize=None)

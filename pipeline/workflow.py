@@ -17,13 +17,9 @@ from pipeline import checkpoint, distributed, vocabulary
 from pipeline.errors import UserError
 from pipeline.registry import ModelSpec, find_model
 from pipeline.runlog import OUTPUT_KEYS, RunLog, check_writable, environment, new_run
-from pipeline.settings import build_config, check_dataset_files, plain_config, read_yaml
+from pipeline.settings import PLACE_KEYS, build_config, check_dataset_files, plain_config, read_yaml
 
 logger = logging.getLogger(__name__)
-
-# Saved settings that say where a run was, not what it was.
-_NOT_COMPARED = ("checkpoint_path", "data_path", "checkpoint_dir", "log_dir", "tensorboard_dir",
-                 "gpu_id", "show_progress", "state")
 
 
 class Loaded(NamedTuple):
@@ -130,7 +126,7 @@ def changed_settings(saved: dict, config) -> str:
     """The settings of ``config`` that differ from the checkpoint's ``saved`` ones, as
     ``key old -> new``, comma-separated ('' when none)."""
     now = plain_config(config)
-    keys = sorted((set(saved) | set(now)) - set(_NOT_COMPARED))
+    keys = sorted((set(saved) | set(now)) - PLACE_KEYS)
     return ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in keys
                      if saved.get(k) != now.get(k))
 

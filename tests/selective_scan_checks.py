@@ -49,8 +49,8 @@ def scan_inputs(batch, length, channels, states, seed=0):
 def scan_errors(device: str, dtype: torch.dtype, shapes=SHAPES) -> dict:
     """y and the seven gradients of the kernels (called directly, and through autograd), in
     ``dtype`` on ``device``, against the reference in float64."""
-    from kernels.selective_scan import (selective_scan_bwd, selective_scan_fn, selective_scan_fwd,
-                                        selective_scan_ref)
+    from kernels.selective_scan import selective_scan_bwd, selective_scan_fn, selective_scan_fwd
+    from kernels.selective_scan_ref import selective_scan_ref
 
     errors = {}
     for batch, length, channels, states, chunk in shapes:

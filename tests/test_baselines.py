@@ -456,8 +456,7 @@ def test_mamba_block_is_mambapy_block():
 def test_mamba4rec_torch_backend_matches_the_reference_scan(make, monkeypatch):
     """The whole model (loss, every gradient, full-sort scores) on the PyTorch scan and on the
     step-by-step reference, same weights, float64."""
-    pytest.importorskip("triton")  # the reference lives beside the kernels
-    from kernels.selective_scan import selective_scan_ref
+    from kernels.selective_scan_ref import selective_scan_ref
 
     model, train_data, test_data = make("Mamba4Rec")
     model = copy.deepcopy(model).double().eval()

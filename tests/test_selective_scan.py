@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from baseline.Mamba4Rec import scan
+from kernels.selective_scan_ref import selective_scan_ref
 from tests.conftest import interpreted_errors
 from tests.numerics import rel_err
 from tests.selective_scan_checks import scan_inputs
@@ -17,20 +18,12 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="needs triton installed")
 
 
-def reference(*inputs):
-    """The step-by-step reference (beside the kernels; importing it imports triton)."""
-    from kernels.selective_scan import selective_scan_ref
-
-    return selective_scan_ref(*inputs)
-
-
 def outputs_and_grads(fn, inputs, dy):
     leaves = [t.clone().requires_grad_() for t in inputs]
     y = fn(*leaves)
     return y, torch.autograd.grad(y, leaves, dy)
 
 
-@needs_triton
 @pytest.mark.parametrize("batch, length, channels, states, rows", [
     (2, 13, 5, 16, 2), (1, 1, 3, 32, 1), (3, 19, 7, 32, 2), (5, 50, 9, 4, 3), (4, 2, 6, 8, 4)])
 def test_chunked_scan_matches_reference(batch, length, channels, states, rows, monkeypatch):
@@ -39,7 +32,7 @@ def test_chunked_scan_matches_reference(batch, length, channels, states, rows, m
     monkeypatch.setattr(scan, "BLOCK_ELEMENTS", rows * channels * states)
     inputs, dy = scan_inputs(batch, length, channels, states)
     y, grads = outputs_and_grads(scan.selective_scan_chunked, inputs, dy)
-    ref, ref_grads = outputs_and_grads(reference, inputs, dy)
+    ref, ref_grads = outputs_and_grads(selective_scan_ref, inputs, dy)
     assert rel_err(y, ref) < 1e-13
     for grad, ref_grad in zip(grads, ref_grads, strict=True):
         assert rel_err(grad, ref_grad) < 1e-13

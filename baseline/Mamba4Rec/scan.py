@@ -1,7 +1,7 @@
 """Mamba-1's selective scan in PyTorch, for any device, in the memory of a few [B E N] states.
 
-The function of :func:`kernels.selective_scan.selective_scan_ref` (the recurrence, dt_proj's bias
-and the softplus inside):
+The function of :func:`kernels.selective_scan_ref.selective_scan_ref` (the recurrence, dt_proj's
+bias and the softplus inside):
 
     delta_t = softplus(dt_t + dt_bias)                                       [B L E]
     h_t = exp(delta_t A) * h_{t-1} + (delta_t x_t) B_t,     h_{-1} = 0          [B E N]
