@@ -72,11 +72,9 @@ def time_path(make_model, config, batches, path: str, pool_lengths, steps: int, 
     optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"])
     packed, step = None, None
     if path == "graph":
-        size_for = getattr(model, "pack_size_for", None)  # as cuda_graph.packed_size reads it
-        size = size_for(pool_lengths, len(batches[0])) if size_for else None
-        packed = None if size is None else cuda_graph.PackedSize(model, size)
+        packed = cuda_graph.packed_size_for(model, pool_lengths, len(batches[0]))
         if packed is not None and not all(packed.fits(b) for b in batches):
-            raise RuntimeError(f"a timed batch does not fit {size} packed slots")
+            raise RuntimeError(f"a timed batch does not fit {packed.size} packed slots")
         step = cuda_graph.GraphedStep(model.calculate_loss, optimizer, len(batches[0]),
                                       packed=packed)
 

@@ -81,10 +81,13 @@ class PackedSize(NamedTuple):
 def packed_size(model, train_data, batch_size: int) -> PackedSize | None:
     """The :class:`PackedSize` of a model's captured step over ``train_data`` (a RecBole loader of
     sequences), or None where the model does not pack."""
+    return packed_size_for(model, train_data.dataset.inter_feat[model.ITEM_SEQ_LEN], batch_size)
+
+
+def packed_size_for(model, lengths, batch_size: int) -> PackedSize | None:
+    """:func:`packed_size` for batches drawn from sequences of these ``lengths`` [N]."""
     size_for = getattr(model, "pack_size_for", None)
-    if size_for is None:
-        return None
-    size = size_for(train_data.dataset.inter_feat[model.ITEM_SEQ_LEN], batch_size)
+    size = size_for(lengths, batch_size) if size_for is not None else None
     return None if size is None else PackedSize(model, size)
 
 
