@@ -9,6 +9,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
+# Each install leaves a stamp in the venv: later calls reinstall only after a list changed
+# (make -B train forces it; deleting the venv starts again from nothing).
+INSTALLED := $(VENV)/.installed
+INSTALLED_DEV := $(VENV)/.installed-dev
 
 .PHONY: install install-dev install-gpu train test clean-venv
 
@@ -16,13 +20,19 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # RecBole with --no-deps: requirements-recbole.txt says why
-install: $(BIN)/python
+$(INSTALLED): requirements.txt requirements-recbole.txt | $(BIN)/python
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -r requirements.txt
 	$(PIP) install --quiet --no-deps -r requirements-recbole.txt
+	touch $@
 
-install-dev: install
+$(INSTALLED_DEV): $(INSTALLED) requirements-dev.txt
 	$(PIP) install --quiet -r requirements-dev.txt
+	touch $@
+
+install: $(INSTALLED)
+
+install-dev: $(INSTALLED_DEV)
 
 # CUDA machines: mamba-ssm's Triton kernels, built against the installed torch
 install-gpu: install

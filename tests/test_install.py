@@ -11,7 +11,9 @@ skips when the index cannot be reached.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -88,6 +90,37 @@ def test_every_list_is_read_from_the_requirements_files():
     assert "recbole" not in requirements("requirements.txt")  # its pinned ray would come too
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'dependencies = { file = ["requirements.txt"] }' in pyproject
+
+
+def make_commands(venv: Path, target: str) -> list[str]:
+    """What ``make -n target`` would run with the venv at ``venv`` (nothing runs)."""
+    result = subprocess.run(["make", "-n", f"VENV={venv}", target], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60, check=True)
+    return result.stdout.splitlines()
+
+
+def test_make_installs_again_only_after_a_list_changed(tmp_path):
+    """``make test`` installs into a new venv, not into one whose stamps are newer than every
+    requirements file; a dev stamp older than its lists installs the dev list alone."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").touch()
+
+    def installs():
+        return [c for c in make_commands(venv, "test") if " install " in c]
+
+    assert len(installs()) == 4  # pip itself, the runtime list, RecBole, the dev list
+    newest = max((ROOT / name).stat().st_mtime for name in (
+        "requirements.txt", "requirements-recbole.txt", "requirements-dev.txt"))
+    for stamp in (".installed", ".installed-dev"):
+        (venv / stamp).touch()
+        os.utime(venv / stamp, (newest + 10, newest + 10))
+    assert installs() == []
+    assert make_commands(venv, "test")[-1].rstrip().endswith("-m pytest")
+    os.utime(venv / ".installed-dev", (newest - 10, newest - 10))  # older than its lists
+    assert installs() == [f"{venv}/bin/python -m pip install --quiet -r requirements-dev.txt"]
 
 
 def test_installed_environment_is_what_the_dev_lists_ask():
