@@ -49,10 +49,13 @@ import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
 
-from prepare_readers import ZIP_MAGIC, head_bytes, kind_of, require_file, single_path
-from prepare_rows import Interactions, PrepareError
-from prepare_stats import report
-from prepare_writer import row_order, write_inter
+# Its sibling modules, also where Python puts no script folder on the path (-P, PYTHONSAFEPATH).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from prepare_readers import ZIP_MAGIC, head_bytes, kind_of, require_file, single_path  # noqa: E402
+from prepare_rows import Interactions, PrepareError  # noqa: E402
+from prepare_stats import report  # noqa: E402
+from prepare_writer import row_order, write_inter  # noqa: E402
 
 DATASET_DIR = Path(__file__).resolve().parent
 

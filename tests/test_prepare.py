@@ -215,6 +215,20 @@ def test_raw_format_gives_expected_atomic_file(tmp_path, case):
     assert "5-core" in result.stdout
 
 
+def test_runs_where_python_puts_no_script_folder_on_the_path(tmp_path):
+    """``python -P`` (or PYTHONSAFEPATH) leaves the script's folder off sys.path: the script
+    still finds its sibling modules, from any working directory."""
+    if sys.version_info < (3, 11):
+        pytest.skip("python -P is Python 3.11's")
+    name, make_raw, expected = GOOD_INPUTS["steam literals"]
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-P", str(SCRIPT), name, str(make_raw(tmp_path)),
+                             "--out", str(out)], capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert prepared(out, name) == expected
+
+
 def test_kuairand_folder_reads_logs_in_name_order(tmp_path):
     logs = tmp_path / "KuaiRand-Pure" / "data"
     logs.mkdir(parents=True)
