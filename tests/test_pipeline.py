@@ -159,6 +159,22 @@ def test_resume_refuses_another_shape_naming_the_setting(tiny):
               quiet=True)
 
 
+def test_changed_settings_name_the_models_settings_not_where_it_ran(tiny, tmp_path):
+    """A checkpoint's settings against a run's: folders, device, workers and progress bars are
+    where a run ran (settings.PLACE_KEYS), not what it computes; every other change is named."""
+    from pipeline.settings import PLACE_KEYS, plain_config
+    from pipeline.workflow import changed_settings
+
+    config, _ = build_config("TiM4Rec", [], dict(tiny))
+    saved = dict(plain_config(config), data_path=str(tmp_path), gpu_id="3", use_gpu=True,
+                 worker=4, show_progress=True, checkpoint_dir=str(tmp_path))
+    assert changed_settings(saved, config) == ""
+    saved.update(hidden_size=32, seed=7)
+    assert changed_settings(saved, config) == (
+        f"hidden_size 32 -> {config['hidden_size']!r}, seed 7 -> {config['seed']!r}")
+    assert {"hidden_size", "seed", "dataset", "MAX_ITEM_LIST_LENGTH"}.isdisjoint(PLACE_KEYS)
+
+
 def test_resume_refuses_another_models_checkpoint(tiny):
     first = train(overrides=dict(tiny, epochs=1), quiet=True)
     with pytest.raises(UserError, match="holds a TiM4Rec model"):
