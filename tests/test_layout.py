@@ -180,7 +180,8 @@ out, _ = layer(torch.randn(2, 8, 16), tau=torch.rand(2, 4, 8))  # tau [B H L]
 out.sum().backward()
 block = MambaBlock(d_model=16, d_state=8, backend="torch")
 block(torch.randn(2, 8, 16)).sum().backward()
-assert not any(name.split(".")[0] == "triton" for name in sys.modules)
+assert layer.in_proj.weight.grad is not None  # the step reached the weights: it trained
+assert all(parameter.grad is not None for parameter in block.parameters())
 print("ok")
 """
 
